@@ -1,0 +1,44 @@
+"""shardwise: distributed training and inference for PyTorch, drop-in for DeepSpeed (``import shardwise as deepspeed``).
+
+Only the public surface lives here; subpackages load on first use so ``import shardwise`` stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+from shardwise.accelerator import get_accelerator  # noqa: E402
+from shardwise.comm import init_distributed  # noqa: E402
+
+_LAZY = {
+    "initialize": ("shardwise.api", "initialize"),
+    "add_config_arguments": ("shardwise.config", "add_config_arguments"),
+    "init_inference": ("shardwise.inference", "init_inference"),
+    "PipelineModule": ("shardwise.pipe", "PipelineModule"),
+    "LayerSpec": ("shardwise.pipe", "LayerSpec"),
+    "TiedLayerSpec": ("shardwise.pipe", "TiedLayerSpec"),
+    "DeepSpeedEngine": ("shardwise.engine", "Engine"),
+    "Engine": ("shardwise.engine", "Engine"),
+    "ShardwiseConfig": ("shardwise.config", "ShardwiseConfig"),
+}
+_SUBMODULES = {"zero", "checkpointing", "pipe", "comm", "ops", "utils", "runtime", "accelerator", "inference",
+               "config", "moe", "sequence", "tp", "sp", "checkpoint", "launcher", "models"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        value = importlib.import_module(f"shardwise.{name}")
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'shardwise' has no attribute {name!r}")
+
+
+__all__ = ["__version__", "get_accelerator", "init_distributed", *_LAZY]

@@ -1,0 +1,71 @@
+"""The DeepSpeed-shaped entry points: ``initialize`` and ``add_config_arguments``.
+
+``initialize`` = start torch.distributed if needed -> build the process grid -> resolve the config against it ->
+build the engine. It returns DeepSpeed's 4-tuple ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from torch import nn
+
+from shardwise import comm
+from shardwise.comm.topology import Topology
+from shardwise.config import add_config_arguments, load_config, read_config_dict
+
+__all__ = ["initialize", "add_config_arguments"]
+
+
+def initialize(
+    args: Any = None,
+    model: nn.Module | None = None,
+    optimizer: Any = None,
+    model_parameters: Iterable | None = None,
+    training_data: Any = None,
+    lr_scheduler: Any = None,
+    distributed_port: int = 29500,
+    mpu: Any = None,
+    dist_init_required: bool | None = None,
+    collate_fn: Callable | None = None,
+    config: Any = None,
+    mesh_param: Any = None,
+    config_params: Any = None,
+) -> tuple[Any, Any, Any, Any]:
+    """Wrap ``model`` for distributed training; returns ``(engine, optimizer, training_dataloader, lr_scheduler)``.
+
+    ``config`` (or legacy ``config_params``, or ``args.deepspeed_config``) is a ds_config dict or path.
+    ``optimizer`` and ``lr_scheduler`` may be objects or callables (called with the parameters / the optimizer).
+    ``mpu`` is a Megatron-style model-parallel unit; without it, tensor parallelism is 1 and sequence
+    parallelism comes from ``sequence_parallel_size`` in the config.
+    """
+    if model is None:
+        raise ValueError("initialize() needs a model (an nn.Module)")
+    comm.init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
+    source = config if config is not None else config_params if config_params is not None else args
+    if source is None:
+        raise ValueError(
+            "initialize() needs a config: pass config=<dict or path to ds_config.json>, or args with "
+            "--deepspeed_config (see shardwise.add_config_arguments)"
+        )
+    raw = read_config_dict(source)
+    topology = _topology(raw, mpu, mesh_param)
+    cfg = load_config(source, dp_world_size=topology.size("dp"))
+    comm.configure(cfg.comms_logger)
+    from shardwise.engine.build import build_engine
+
+    engine = build_engine(module=model, config=cfg, topology=topology, optimizer=optimizer,
+                          model_parameters=model_parameters, lr_scheduler=lr_scheduler, training_data=training_data,
+                          collate_fn=collate_fn)
+    return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
+
+
+def _topology(raw: dict[str, Any], mpu: Any, mesh_param: Any) -> Topology:
+    sp = int(raw.get("sequence_parallel_size", 1) or 1)
+    tp = 1
+    if mesh_param is not None:
+        dp_size, sp = mesh_param
+    if mpu is not None:
+        tp = int(mpu.get_model_parallel_world_size())
+    return Topology(tp=tp, sp=sp)

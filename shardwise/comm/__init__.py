@@ -1,0 +1,64 @@
+"""``shardwise.comm``: DeepSpeed's ``deepspeed.comm`` surface over torch.distributed, with a comms log.
+
+Multi-node transport is torch.distributed's own; this package only adds discovery of the launcher's environment,
+one owner for process groups (``topology.py``), and collectives that count bytes, explain timeouts, and skip
+groups of one rank.
+"""
+
+from shardwise.comm.collectives import (
+    CollectiveError,
+    Handle,
+    ReduceOp,
+    all_gather,
+    all_gather_into_tensor,
+    all_gather_object,
+    all_reduce,
+    all_to_all_single,
+    barrier,
+    broadcast,
+    broadcast_object,
+    irecv,
+    isend,
+    recv,
+    reduce,
+    reduce_scatter_tensor,
+    send,
+)
+from shardwise.comm.comms_log import COMMS_LOG, CommsLog
+from shardwise.comm.group import Group, as_group, world_group
+from shardwise.comm.init import (
+    destroy_process_group,
+    get_local_rank,
+    get_rank,
+    get_world_size,
+    init_distributed,
+    is_initialized,
+    launch_env,
+)
+
+
+def log_summary() -> str:
+    """Print and return the per-operation totals of the comms log (DeepSpeed's ``deepspeed.comm.log_summary``)."""
+    text = COMMS_LOG.summary()
+    print(text)
+    return text
+
+
+def configure(comms_logger_config=None, verbose: bool | None = None, prof_ops: list[str] | None = None) -> None:
+    """Apply the ``comms_logger`` config section (verbose per-op logging, op filter)."""
+    if comms_logger_config is not None:
+        COMMS_LOG.verbose = bool(comms_logger_config.enabled and comms_logger_config.verbose)
+        COMMS_LOG.prof_ops = tuple(comms_logger_config.prof_ops or ())
+    if verbose is not None:
+        COMMS_LOG.verbose = verbose
+    if prof_ops is not None:
+        COMMS_LOG.prof_ops = tuple(prof_ops)
+
+
+__all__ = [
+    "COMMS_LOG", "CollectiveError", "CommsLog", "Group", "Handle", "ReduceOp", "all_gather",
+    "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all_single", "as_group", "barrier",
+    "broadcast", "broadcast_object", "configure", "destroy_process_group", "get_local_rank", "get_rank",
+    "get_world_size", "init_distributed", "irecv", "is_initialized", "isend", "launch_env", "log_summary", "recv",
+    "reduce", "reduce_scatter_tensor", "send", "world_group",
+]

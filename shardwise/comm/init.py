@@ -1,0 +1,127 @@
+"""``init_distributed``: start torch.distributed once, from whatever launcher started this process."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import os
+from typing import Any
+
+import torch.distributed as dist
+
+from shardwise.accelerator import get_accelerator
+from shardwise.comm.env import LaunchEnv, discover
+
+logger = logging.getLogger("shardwise.comm")
+
+#: DeepSpeed's default process-group timeout (30 minutes); SHARDWISE_COMM_TIMEOUT (seconds) overrides it
+DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
+
+_launch_env: LaunchEnv | None = None
+
+
+def _default_timeout() -> datetime.timedelta:
+    value = os.environ.get("SHARDWISE_COMM_TIMEOUT")
+    return datetime.timedelta(seconds=float(value)) if value else DEFAULT_TIMEOUT
+
+
+def init_distributed(
+    dist_backend: str | None = None,
+    auto_mpi_discovery: bool = True,
+    distributed_port: int = 29500,
+    verbose: bool = True,
+    timeout: datetime.timedelta | float | None = None,
+    init_method: str | None = None,
+    dist_init_required: bool | None = None,
+    config: Any = None,
+    rank: int = -1,
+    world_size: int = -1,
+) -> None:
+    """Initialise torch.distributed (idempotent), as ``deepspeed.init_distributed`` does.
+
+    Rank and world size come from the arguments, else from the launcher's environment (torchrun / shardwise,
+    OpenMPI, MPICH, SLURM; see ``comm/env.py``), else the process is a one-rank job on loopback. The backend
+    defaults to the accelerator's (gloo on cpu, nccl on cuda, hccl on hpu). ``timeout`` (a timedelta or seconds)
+    bounds every collective: one that does not complete in time raises ``CollectiveError`` naming it.
+    """
+    global _launch_env
+    if dist.is_initialized():
+        if _launch_env is None:
+            _launch_env = _env_from_initialized()
+        return
+    if dist_init_required is False:
+        raise RuntimeError(
+            "dist_init_required=False but torch.distributed is not initialised: call "
+            "torch.distributed.init_process_group() first, or pass dist_init_required=None/True"
+        )
+    env = discover(os.environ, default_port=distributed_port) if auto_mpi_discovery else discover({})
+    if rank >= 0 and world_size > 0:
+        env = LaunchEnv(rank, world_size, env.local_rank, env.local_world_size, env.master_addr, env.master_port,
+                        "arguments")
+    for name, value in (("RANK", env.rank), ("WORLD_SIZE", env.world_size), ("LOCAL_RANK", env.local_rank),
+                        ("LOCAL_WORLD_SIZE", env.local_world_size), ("MASTER_ADDR", env.master_addr),
+                        ("MASTER_PORT", env.master_port)):
+        os.environ.setdefault(name, str(value))
+    accelerator = get_accelerator()
+    backend = dist_backend or accelerator.communication_backend_name()
+    if isinstance(timeout, (int, float)):
+        timeout = datetime.timedelta(seconds=timeout)
+    timeout = timeout or _default_timeout()
+    if accelerator.device_name() != "cpu":
+        accelerator.set_device(env.local_rank)
+    if verbose and env.rank == 0:
+        logger.info("initialising torch.distributed: backend=%s world=%d source=%s master=%s:%s",
+                    backend, env.world_size, env.source, env.master_addr, env.master_port)
+    dist.init_process_group(backend=backend, init_method=init_method or "env://", rank=env.rank,
+                            world_size=env.world_size, timeout=timeout)
+    _launch_env = env
+
+
+def _env_from_initialized() -> LaunchEnv:
+    world = dist.get_world_size()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("LOCAL_SIZE", world)))
+    return LaunchEnv(dist.get_rank(), world, int(os.environ.get("LOCAL_RANK", 0)), local_world,
+                     os.environ.get("MASTER_ADDR", "127.0.0.1"), int(os.environ.get("MASTER_PORT", 0) or 0),
+                     "preinitialised")
+
+
+def launch_env() -> LaunchEnv:
+    """The rank/world/node facts this process was started with (after ``init_distributed``)."""
+    global _launch_env
+    if _launch_env is None:
+        _launch_env = _env_from_initialized() if dist.is_initialized() else discover(os.environ)
+    return _launch_env
+
+
+def is_initialized() -> bool:
+    """Whether torch.distributed is up."""
+    return dist.is_initialized()
+
+
+def get_rank(group: Any = None) -> int:
+    """Global rank (or rank inside ``group``); 0 before initialisation."""
+    if not dist.is_initialized():
+        return 0
+    return dist.get_rank() if group is None else dist.get_rank(getattr(group, "torch_group", group))
+
+
+def get_world_size(group: Any = None) -> int:
+    """World size (or size of ``group``); 1 before initialisation."""
+    if not dist.is_initialized():
+        return 1
+    if group is None:
+        return dist.get_world_size()
+    return getattr(group, "size", None) or dist.get_world_size(group)
+
+
+def get_local_rank() -> int:
+    """Rank of this process on its node."""
+    return launch_env().local_rank
+
+
+def destroy_process_group() -> None:
+    """Tear torch.distributed down (idempotent)."""
+    global _launch_env
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    _launch_env = None

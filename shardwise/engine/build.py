@@ -1,0 +1,164 @@
+"""``build_engine``: apply precision, parallelism and the optimizer to a model, in one fixed, commented order.
+
+Order (each step assumes the previous ones):
+1. cast the model to its training dtype and move it to this rank's device;
+2. build the basic optimizer (client object, client callable, or the config's ``optimizer`` section);
+3. choose the ZeRO policy and wrap: flatten parameters, partition master weights/state, register gradient hooks;
+4. make every data-parallel replica start from rank 0's weights (one broadcast per flat buffer);
+5. LR schedule (client object, client callable on the basic optimizer, or the config's ``scheduler``);
+6. the training data loader.
+Tensor/pipeline splitting and ZeRO-3 slot in before (3) as they land; see ARCHITECTURE.md lesson 5.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardwise import comm
+from shardwise.accelerator import get_accelerator
+from shardwise.comm.topology import Topology
+from shardwise.engine.dataloader import build_dataloader
+from shardwise.engine.engine import Engine, _log_build
+from shardwise.engine.lr_schedules import build_scheduler
+from shardwise.engine.optimizers import build_optimizer, is_zero_supported_optimizer
+from shardwise.engine.precision import make_scaler, model_dtype
+from shardwise.zero.flat_strategy import FlatStrategy
+from shardwise.zero.policy import default_bucket_numel, make_policy
+
+
+class EngineBuildError(ValueError):
+    """The model, optimizer and config cannot be combined; the message says how to fix it."""
+
+
+def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimizer: Any = None,
+                 model_parameters: Iterable | None = None, lr_scheduler: Any = None, training_data: Any = None,
+                 collate_fn: Callable | None = None) -> Engine:
+    """Assemble an ``Engine`` (see the module docstring for the order)."""
+    _cast_and_place(module, model_dtype(config))
+    basic = _build_basic_optimizer(module, config, optimizer, model_parameters)
+    strategy = _build_strategy(module, config, topology, basic) if basic is not None else None
+    _broadcast_from_first_replica(module, strategy, topology)
+    scheduler = _build_scheduler(config, lr_scheduler, basic)
+    loader = None
+    if training_data is not None:
+        loader = build_dataloader(training_data, config.train_micro_batch_size_per_gpu, topology.size("dp"),
+                                  topology.coord("dp"), collate_fn=collate_fn, drop_last=config.dataloader_drop_last)
+    engine = Engine(module=module, config=config, topology=topology, strategy=strategy, scaler=make_scaler(config),
+                    lr_scheduler=scheduler, training_dataloader=loader)
+    _log_build(engine)
+    return engine
+
+
+def _cast_and_place(module: nn.Module, dtype: torch.dtype) -> None:
+    device = get_accelerator().device()
+    if dtype != torch.float32:
+        module.to(dtype=dtype)
+    module.to(device=device)
+
+
+def _build_basic_optimizer(module: nn.Module, config: Any, optimizer: Any, model_parameters: Iterable | None):
+    params = list(model_parameters) if model_parameters is not None else list(module.parameters())
+    offload = config.zero_optimization.offload_optimizer_device != "none"
+    if optimizer is not None and config.optimizer is not None:
+        raise EngineBuildError(
+            f"an optimizer was passed to initialize() and the config also has an `optimizer` section "
+            f"(type {config.optimizer.type!r}); remove one of them"
+        )
+    if optimizer is None and config.optimizer is None:
+        return None
+    if optimizer is None:
+        return build_optimizer(config.optimizer.type, dict(config.optimizer.params), params, offload=offload)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        basic = optimizer
+    elif callable(optimizer):
+        basic = optimizer(params)
+    else:
+        raise EngineBuildError(f"optimizer must be a torch.optim.Optimizer or a callable, got {type(optimizer)}")
+    if offload and config.zero_force_ds_cpu_optimizer and not _is_cpu_adam(basic):
+        raise EngineBuildError(
+            f"ZeRO-Offload is on (zero_optimization.offload_optimizer.device = "
+            f"{config.zero_optimization.offload_optimizer_device!r}) with a client optimizer "
+            f"({type(basic).__name__}); offload steps on the host with shardwise's CPU Adam. Either set "
+            "`optimizer` in the config instead, pass shardwise.ops.adam.DeepSpeedCPUAdam, or set "
+            "`zero_force_ds_cpu_optimizer: false` to step your optimizer on the host as is"
+        )
+    stage = config.zero_optimization.stage
+    if stage >= 1 and not is_zero_supported_optimizer(basic) and not config.zero_allow_untested_optimizer:
+        raise EngineBuildError(
+            f"ZeRO stage {stage} steps flat partitions of the parameters, which is exact only for elementwise "
+            f"optimizers; {type(basic).__name__} is not known to be one. Set `zero_allow_untested_optimizer: true` "
+            "to use it anyway (per-tensor statistics such as LAMB's trust ratio are then computed per partition)"
+        )
+    return basic
+
+
+def _is_cpu_adam(opt: torch.optim.Optimizer) -> bool:
+    from shardwise.ops.adam import CPUAdam
+
+    return isinstance(opt, CPUAdam)
+
+
+def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: torch.optim.Optimizer):
+    zc = config.zero_optimization
+    if zc.stage == 3:
+        raise EngineBuildError("zero_optimization.stage 3 is not available in this build of shardwise yet")
+    dtype = model_dtype(config)
+    trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    explicit = config.raw.get("zero_optimization", {}) if isinstance(config.raw, dict) else {}
+    bucket = default_bucket_numel(trainable, zc.reduce_bucket_size if "reduce_bucket_size" in explicit else None)
+    accum = config.data_types.grad_accum_dtype
+    bf16_optimizer = config.bf16.enabled and (zc.stage == 0 or (zc.stage == 1 and accum == "fp32"))
+    overlap = zc.overlap_comm if "overlap_comm" in explicit else True
+    policy = make_policy(
+        zc.stage, dtype, grad_accum_dtype=accum, bf16_optimizer=bf16_optimizer, overlap_comm=overlap,
+        reduce_scatter=zc.reduce_scatter, bucket_numel=bucket,
+        offload_optimizer=zc.offload_optimizer_device != "none",
+        pin_memory=bool(zc.offload_optimizer and zc.offload_optimizer.pin_memory),
+    )
+    return FlatStrategy(module, basic, policy, topology.zero_group)
+
+
+@torch.no_grad()
+def _broadcast_from_first_replica(module: nn.Module, strategy: Any, topology: Topology) -> None:
+    """Every replica starts from the weights of the first rank of its ZeRO group."""
+    group = topology.zero_group
+    if group.size == 1:
+        return
+    src = group.global_rank(0)
+    flat_ids = set()
+    if strategy is not None:
+        for g in strategy.optimizer.live_groups:
+            comm.broadcast(g.flat, src=src, group=group)
+            flat_ids.update(id(p) for p in g.params)
+        for g in strategy.optimizer.live_groups:  # master copies were taken before the broadcast
+            if g.master is not None:
+                source = g.param_shard_of_flat() if strategy.policy.partitioned else g.flat
+                g.master.copy_(source.to(g.master.device, torch.float32))
+    for p in module.parameters():
+        if id(p) not in flat_ids:
+            comm.broadcast(p.data, src=src, group=group)
+    for b in module.buffers():
+        comm.broadcast(b, src=src, group=group)
+
+
+def _build_scheduler(config: Any, lr_scheduler: Any, basic: torch.optim.Optimizer | None):
+    if lr_scheduler is not None and config.scheduler is not None:
+        raise EngineBuildError(
+            f"an lr_scheduler was passed to initialize() and the config also has a `scheduler` section "
+            f"(type {config.scheduler.type!r}); remove one of them"
+        )
+    if lr_scheduler is not None:
+        if hasattr(lr_scheduler, "step"):
+            return lr_scheduler
+        if callable(lr_scheduler):
+            return lr_scheduler(basic)
+        raise EngineBuildError(f"lr_scheduler must be a scheduler or a callable, got {type(lr_scheduler)}")
+    if config.scheduler is not None:
+        if basic is None:
+            raise EngineBuildError("the config has a `scheduler` but no optimizer was given or configured")
+        return build_scheduler(config.scheduler.type, dict(config.scheduler.params), basic)
+    return None

@@ -1,0 +1,286 @@
+"""``Engine``: what ``shardwise.initialize`` returns. Forward, backward, step; owns no sharding logic.
+
+The engine counts micro-steps, scales the loss (gradient accumulation, fp16 loss scale), decides the accumulation
+boundary, computes the global gradient norm once, clips, skips overflowed steps, steps the LR schedule and prints
+the step log. Where gradients live and how they are reduced belongs to the sharding strategy it was built with
+(``zero/flat_strategy.py`` for stages 0-2). DeepSpeed's ``DeepSpeedEngine`` method names are kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardwise import comm
+from shardwise.accelerator import get_accelerator
+from shardwise.comm.topology import Topology
+from shardwise.engine.step_log import StepLog
+from shardwise.utils.logging import log_dist, logger
+from shardwise.utils.timers import Timers
+
+
+class Engine(nn.Module):
+    """A model wrapped for distributed training (``deepspeed.DeepSpeedEngine``)."""
+
+    def __init__(self, *, module: nn.Module, config: Any, topology: Topology, strategy: Any, scaler: Any,
+                 lr_scheduler: Any = None, training_dataloader: Any = None) -> None:
+        super().__init__()
+        self.module = module
+        self._config = config
+        self.topology = topology
+        self.strategy = strategy
+        self.scaler = scaler
+        self.lr_scheduler = lr_scheduler
+        self.training_dataloader = training_dataloader
+        self.optimizer = strategy.optimizer if strategy is not None else None
+        self.global_steps = 0
+        self.global_samples = 0
+        self.micro_steps = 0
+        self.skipped_steps = 0
+        self._boundary_override: bool | None = None
+        self._in_no_sync = False
+        self._global_grad_norm: float | None = None
+        self._step_started: float | None = None
+        self.timers = Timers(synchronize=config.wall_clock_breakdown)
+        csv = config.csv_monitor
+        csv_path = f"{csv.output_path or '.'}/{csv.job_name}/steps.csv" if csv.enabled else None
+        self.step_log = StepLog(config.steps_per_print, config.train_batch_size, csv_path)
+
+    # -- DeepSpeed's accessors ------------------------------------------------------------------------------------
+    @property
+    def config(self) -> Any:
+        """The resolved configuration (typed sections named as in ds_config.json)."""
+        return self._config
+
+    def train_batch_size(self) -> int:
+        """Samples per optimizer step over all data-parallel ranks."""
+        return self._config.train_batch_size
+
+    def train_micro_batch_size_per_gpu(self) -> int:
+        """Samples per forward on one rank."""
+        return self._config.train_micro_batch_size_per_gpu
+
+    def gradient_accumulation_steps(self) -> int:
+        """Micro-batches per optimizer step."""
+        return self._config.gradient_accumulation_steps
+
+    def zero_optimization_stage(self) -> int:
+        """The ZeRO stage (0-3)."""
+        return self._config.zero_optimization.stage
+
+    def zero_optimization(self) -> bool:
+        """Whether any ZeRO stage above 0 is on."""
+        return self._config.zero_optimization.stage > 0
+
+    def bfloat16_enabled(self) -> bool:
+        """Whether the model trains in bf16."""
+        return self._config.bf16.enabled
+
+    def fp16_enabled(self) -> bool:
+        """Whether the model trains in fp16 with loss scaling."""
+        return self._config.fp16.enabled
+
+    def gradient_clipping(self) -> float:
+        """The global-norm clipping threshold (0: off)."""
+        return self._config.gradient_clipping
+
+    def steps_per_print(self) -> int | None:
+        """How often the step log prints."""
+        return self._config.steps_per_print
+
+    def wall_clock_breakdown(self) -> bool:
+        """Whether forward/backward/step timings are logged."""
+        return self._config.wall_clock_breakdown
+
+    @property
+    def local_rank(self) -> int:
+        """Rank of this process on its node."""
+        return comm.get_local_rank()
+
+    @property
+    def global_rank(self) -> int:
+        """Rank of this process in the job."""
+        return comm.get_rank()
+
+    @property
+    def world_size(self) -> int:
+        """Number of ranks in the job."""
+        return self.topology.world_size
+
+    @property
+    def dp_world_size(self) -> int:
+        """Data-parallel degree (the batch arithmetic's data-parallel size)."""
+        return self.topology.size("dp")
+
+    @property
+    def mp_world_size(self) -> int:
+        """Tensor-parallel degree."""
+        return self.topology.size("tp")
+
+    @property
+    def device(self) -> torch.device:
+        """The device this rank computes on."""
+        return get_accelerator().device()
+
+    def get_lr(self) -> list[float]:
+        """Current learning rate of every optimizer group."""
+        return [g["lr"] for g in self.optimizer.param_groups] if self.optimizer is not None else []
+
+    def get_global_grad_norm(self) -> float | None:
+        """Global gradient norm of the last optimizer step (unscaled, before clipping)."""
+        return self._global_grad_norm
+
+    def get_loss_scale(self) -> float:
+        """Current loss scale (1 unless fp16)."""
+        return self.scaler.scale
+
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes this rank holds for parameters, gradients, master weights and optimizer states."""
+        return self.strategy.memory_breakdown() if self.strategy is not None else {}
+
+    # -- gradient accumulation boundary -----------------------------------------------------------------------------
+    def is_gradient_accumulation_boundary(self) -> bool:
+        """Whether the current micro-step ends an accumulation window (the optimizer steps after it)."""
+        if self._boundary_override is not None:
+            return self._boundary_override
+        return (self.micro_steps + 1) % self.gradient_accumulation_steps() == 0
+
+    def set_gradient_accumulation_boundary(self, is_boundary: bool | None) -> None:
+        """Force (or, with None, stop forcing) the boundary decision, as DeepSpeed allows."""
+        self._boundary_override = is_boundary
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Accumulate gradients locally without communication (stages 0 and 1 only, as DeepSpeed)."""
+        if self.zero_optimization_stage() >= 2:
+            raise RuntimeError(
+                f"no_sync() is not compatible with ZeRO stage {self.zero_optimization_stage()}: gradients are "
+                "partitioned during backward; use gradient_accumulation_steps instead"
+            )
+        previous, self._in_no_sync = self._in_no_sync, True
+        try:
+            yield
+        finally:
+            self._in_no_sync = previous
+
+    # -- training -------------------------------------------------------------------------------------------------
+    def forward(self, *inputs: Any, **kwargs: Any) -> Any:
+        """Run the wrapped module."""
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        with self.timers("forward"):
+            return self.module(*inputs, **kwargs)
+
+    def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
+        """Backpropagate ``loss``: scaled by 1/gradient_accumulation_steps and by the fp16 loss scale."""
+        if self.strategy is None:
+            raise RuntimeError("backward() needs an optimizer: pass one to initialize() or set `optimizer` in config")
+        if not loss.requires_grad:
+            raise ValueError("backward() got a loss that does not require grad; was it computed under no_grad()?")
+        if self._step_started is None:
+            self._step_started = time.perf_counter()
+        self.step_log.record_loss(loss)
+        scaled = loss
+        if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
+            scaled = scaled / self.gradient_accumulation_steps()
+        if self.scaler.scale != 1.0:
+            scaled = scaled * self.scaler.scale
+        reduce = self.is_gradient_accumulation_boundary() and not self._in_no_sync
+        with self.timers("backward"):
+            self.strategy.begin_backward(reduce)
+            scaled.backward(retain_graph=retain_graph)
+            self.strategy.end_backward()
+        return loss
+
+    def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
+        """At an accumulation boundary: reduce, clip, update, schedule, zero; otherwise just count the micro-step."""
+        if self.strategy is None:
+            raise RuntimeError("step() needs an optimizer: pass one to initialize() or set `optimizer` in config")
+        if self.is_gradient_accumulation_boundary() and not self._in_no_sync:
+            with self.timers("step"):
+                self._take_model_step(lr_kwargs or {})
+        self.micro_steps += 1
+
+    def _take_model_step(self, lr_kwargs: dict[str, Any]) -> None:
+        self.strategy.finish_gradients()
+        norm = self._global_norm()
+        scale = self._grad_scale_factor()
+        overflow = not math.isfinite(norm) and (self.fp16_enabled() or self._checks_bf16_overflow())
+        if overflow:
+            self.skipped_steps += 1
+            self.scaler.update(True)
+            log_dist(f"step {self.global_steps + 1}: gradient overflow (norm {norm}); skipping the update, "
+                     f"loss scale now {self.scaler.scale:g} (skipped so far: {self.skipped_steps})", ranks=[0])
+        else:
+            true_norm = norm * scale
+            clip = self._config.gradient_clipping
+            coef = min(1.0, clip / (true_norm + 1e-6)) if clip and clip > 0 else 1.0
+            self.strategy.scale_grads(scale * coef)
+            self.strategy.optimizer_step()
+            self.scaler.update(False)
+            self._global_grad_norm = true_norm
+            if self.lr_scheduler is not None:
+                self.lr_scheduler.step(**lr_kwargs)
+        self.strategy.zero_grad()
+        self.global_steps += 1
+        self.global_samples += self.train_batch_size()
+        elapsed = time.perf_counter() - (self._step_started or time.perf_counter())
+        self._step_started = None
+        extras = {"scale": f"{self.scaler.scale:g}"} if self.fp16_enabled() else {}
+        if self.skipped_steps:
+            extras["skipped"] = self.skipped_steps
+        lr = self.get_lr()[0] if self.get_lr() else 0.0
+        self.step_log.on_step(self.global_steps, lr, elapsed, extras)
+        if self.wall_clock_breakdown() and self._config.steps_per_print and \
+                self.global_steps % self._config.steps_per_print == 0:
+            times = " | ".join(f"{k} {v:.1f} ms" for k, v in self.timers.summary_ms().items())
+            log_dist(f"time (last {self._config.steps_per_print} steps): {times}", ranks=[0])
+            self.timers.reset()
+
+    def _checks_bf16_overflow(self) -> bool:
+        return self.bfloat16_enabled() and getattr(self._config.bf16, "check_grad_overflow", False)
+
+    def _grad_scale_factor(self) -> float:
+        """Multiplier turning summed, loss-scaled gradients into averaged, unscaled ones."""
+        factor = 1.0 / self.scaler.scale
+        if getattr(self._config, "gradient_allreduce_op", "mean") != "sum":
+            factor /= self.topology.zero_group.size
+        return factor
+
+    def _global_norm(self) -> float:
+        """Norm of the summed (still scaled) gradients over every rank, computed once with one all-reduce."""
+        norm_sq = self.strategy.local_grad_norm_sq().to(torch.float64)
+        if self.strategy.norm_is_partitioned:
+            comm.all_reduce(norm_sq, group=self.topology.zero_group)
+        return math.sqrt(norm_sq.item()) if norm_sq.item() >= 0 else float("nan")
+
+    def zero_grad(self) -> None:
+        """Drop accumulated gradients (the step does this itself)."""
+        if self.strategy is not None:
+            self.strategy.zero_grad()
+
+    def destroy(self) -> None:
+        """Detach hooks so the module can be used (or garbage-collected) without the engine."""
+        if self.strategy is not None and hasattr(self.strategy, "remove_hooks"):
+            self.strategy.remove_hooks()
+
+    def __repr__(self) -> str:
+        return f"Engine({self.strategy.describe() if self.strategy else 'no optimizer'}; {self.topology.describe()})"
+
+
+def _log_build(engine: Engine) -> None:
+    """Summarise the built engine on rank 0."""
+    cfg = engine.config
+    logger.debug("engine config: %s", cfg)
+    log_dist(
+        f"engine ready: {engine.strategy.describe() if engine.strategy else 'no optimizer'}; "
+        f"{engine.topology.describe()}; batch {cfg.train_batch_size} = micro {cfg.train_micro_batch_size_per_gpu} x "
+        f"accumulation {cfg.gradient_accumulation_steps} x data-parallel {engine.dp_world_size}",
+        ranks=[0],
+    )

@@ -1,0 +1,110 @@
+"""Mixed precision: which dtype the model runs in, and fp16 loss scaling.
+
+``DynamicLossScaler`` follows DeepSpeed's semantics (``fp16.loss_scale == 0``): start at
+``2**initial_scale_power``; on an overflowed step, if hysteresis is exhausted halve the scale (never below
+``min_loss_scale``), otherwise spend one unit of hysteresis; after ``loss_scale_window`` clean steps since the last
+overflow double it (and refill hysteresis). ``consecutive_hysteresis`` refills hysteresis after every clean step.
+A non-zero ``loss_scale`` is a static scale. BF16 uses no scaling (scale 1), as DeepSpeed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def model_dtype(config: Any) -> torch.dtype:
+    """The dtype the model's weights are cast to: bf16, fp16, or fp32."""
+    if config.bf16.enabled:
+        return torch.bfloat16
+    if config.fp16.enabled:
+        return torch.float16
+    return torch.float32
+
+
+@dataclass
+class DynamicLossScaler:
+    """fp16 loss scale with overflow back-off, hysteresis and periodic growth."""
+
+    scale: float = 2.0**16
+    window: int = 1000
+    hysteresis: int = 2
+    min_scale: float = 1.0
+    consecutive_hysteresis: bool = False
+    factor: float = 2.0
+    dynamic: bool = True
+
+    def __post_init__(self) -> None:
+        self._hysteresis_left = self.hysteresis
+        self._iteration = 0
+        self._last_overflow = -1
+        self.overflows = 0
+
+    @classmethod
+    def from_config(cls, fp16: Any) -> DynamicLossScaler:
+        """Build from the ``fp16`` config section (static when ``loss_scale`` > 0)."""
+        if fp16.loss_scale and fp16.loss_scale > 0:
+            return cls(scale=float(fp16.loss_scale), dynamic=False)
+        return cls(scale=2.0 ** fp16.initial_scale_power, window=fp16.loss_scale_window,
+                   hysteresis=fp16.hysteresis, min_scale=float(fp16.min_loss_scale),
+                   consecutive_hysteresis=fp16.consecutive_hysteresis)
+
+    def update(self, overflow: bool) -> None:
+        """Record one optimizer step's outcome and adjust the scale."""
+        if overflow:
+            self.overflows += 1
+        if not self.dynamic:
+            self._iteration += 1
+            return
+        if overflow:
+            if self.hysteresis == 1 or self._hysteresis_left <= 1:
+                self.scale = max(self.scale / self.factor, self.min_scale)
+            else:
+                self._hysteresis_left -= 1
+            self._last_overflow = self._iteration
+        else:
+            if self.consecutive_hysteresis:
+                self._hysteresis_left = self.hysteresis
+            if (self._iteration - self._last_overflow) % self.window == 0:
+                if not self.consecutive_hysteresis:
+                    self._hysteresis_left = self.hysteresis
+                self.scale *= self.factor
+        self._iteration += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume scaling exactly."""
+        return {"scale": self.scale, "hysteresis_left": self._hysteresis_left, "iteration": self._iteration,
+                "last_overflow": self._last_overflow, "overflows": self.overflows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()`` output."""
+        self.scale = float(state["scale"])
+        self._hysteresis_left = int(state["hysteresis_left"])
+        self._iteration = int(state["iteration"])
+        self._last_overflow = int(state["last_overflow"])
+        self.overflows = int(state.get("overflows", 0))
+
+
+class NoScaler:
+    """Loss scale 1 (fp32 and bf16)."""
+
+    scale = 1.0
+    dynamic = False
+    overflows = 0
+
+    def update(self, overflow: bool) -> None:  # noqa: D102 - nothing to adjust
+        if overflow:
+            self.overflows += 1
+
+    def state_dict(self) -> dict[str, Any]:  # noqa: D102
+        return {"scale": 1.0, "overflows": self.overflows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:  # noqa: D102
+        self.overflows = int(state.get("overflows", 0))
+
+
+def make_scaler(config: Any) -> DynamicLossScaler | NoScaler:
+    """The loss scaler for this config."""
+    return DynamicLossScaler.from_config(config.fp16) if config.fp16.enabled else NoScaler()

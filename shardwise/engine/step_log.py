@@ -1,0 +1,81 @@
+"""The step log: one line every ``steps_per_print`` optimizer steps with loss, lr, throughput, time and memory.
+
+Loss is averaged over the window's micro-batches and the data-parallel ranks; peak memory is reported per rank
+(accelerator peak; on CPU the process's peak resident set) and the peak window is reset after each line. Gathering
+these costs one tiny all-gather per printed step, issued on every rank at the same step.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from typing import Any
+
+import torch
+
+from shardwise import comm
+from shardwise.accelerator import get_accelerator
+from shardwise.utils.logging import logger
+
+
+class StepLog:
+    """Accumulates per-step facts and prints them on rank 0."""
+
+    def __init__(self, steps_per_print: int | None, train_batch_size: int, csv_path: str | None = None) -> None:
+        self.every = steps_per_print or 0
+        self.train_batch_size = train_batch_size
+        self._loss_sum = 0.0
+        self._loss_count = 0
+        self._window_start = time.perf_counter()
+        self._window_steps = 0
+        self._step_time = 0.0
+        self._csv_path = csv_path
+        self.last: dict[str, Any] = {}
+
+    def record_loss(self, loss: torch.Tensor) -> None:
+        """Add one micro-batch loss (detached, any dtype)."""
+        self._loss_sum += float(loss.detach().float())
+        self._loss_count += 1
+
+    def on_step(self, step: int, lr: float, step_seconds: float, extras: dict[str, Any]) -> None:
+        """Called after every optimizer step; prints when ``step`` is a multiple of ``steps_per_print``."""
+        self._window_steps += 1
+        self._step_time += step_seconds
+        if not self.every or step % self.every:
+            return
+        acc = get_accelerator()
+        local = torch.tensor([self._loss_sum, float(self._loss_count), float(acc.max_memory_allocated())],
+                             dtype=torch.float64)
+        world = comm.get_world_size()
+        gathered = torch.zeros(world * 3, dtype=torch.float64)
+        comm.all_gather_into_tensor(gathered, local)
+        rows = gathered.view(world, 3)
+        loss = (rows[:, 0].sum() / rows[:, 1].sum().clamp(min=1)).item()
+        elapsed = time.perf_counter() - self._window_start
+        samples_per_s = self.train_batch_size * self._window_steps / max(elapsed, 1e-9)
+        step_ms = self._step_time / self._window_steps * 1e3
+        peaks = [int(v) for v in rows[:, 2].tolist()]
+        self.last = {"step": step, "loss": loss, "lr": lr, "samples_per_s": samples_per_s, "step_ms": step_ms,
+                     "peak_mem_mb": [p / 2**20 for p in peaks], **extras}
+        if comm.get_rank() == 0:
+            mem = "/".join(f"{p / 2**20:.0f}" for p in peaks)
+            extra = "".join(f" | {k} {v}" for k, v in extras.items())
+            logger.info("step %d | loss %.4f | lr %.3e | %.1f samples/s | %.1f ms/step | peak mem/rank %s MB%s",
+                        step, loss, lr, samples_per_s, step_ms, mem, extra)
+            self._write_csv()
+        acc.reset_peak_memory_stats()
+        self._loss_sum, self._loss_count, self._window_steps, self._step_time = 0.0, 0, 0, 0.0
+        self._window_start = time.perf_counter()
+
+    def _write_csv(self) -> None:
+        if not self._csv_path:
+            return
+        os.makedirs(os.path.dirname(self._csv_path) or ".", exist_ok=True)
+        new = not os.path.exists(self._csv_path)
+        row = {k: (";".join(f"{x:.1f}" for x in v) if isinstance(v, list) else v) for k, v in self.last.items()}
+        with open(self._csv_path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            if new:
+                writer.writeheader()
+            writer.writerow(row)

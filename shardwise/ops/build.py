@@ -1,0 +1,168 @@
+"""JIT build of shardwise's small C kernels (today: the CPU Adam step), cached by content hash.
+
+Owns: finding a C compiler, compiling a kernel source into a shared library with the host's vector
+instructions, caching the result, and loading it with ctypes. Nothing here knows what a kernel
+computes; callers declare the signatures.
+
+Why JIT and not a prebuilt extension: the kernel wants ``-march=native`` (AVX-512 on one host,
+AVX2 or NEON on another), needs no torch headers (it works on raw data pointers), and compiles in
+well under a second, so building it on first use keeps the package pure Python and installable
+anywhere. A host without a compiler still works: :func:`load_kernel` returns ``None`` and callers
+fall back to torch.
+
+Cache: ``$SHARDWISE_CACHE_DIR`` (default ``~/.cache/shardwise``) holds ``<name>-<hash>.so``, the hash
+covering the source, the compiler's identity, the flags and the CPU's feature flags, so a source
+edit, a compiler upgrade or a home directory shared by different CPUs each get their own build.
+Several ranks may build at once: each compiles to its own temporary file and renames it into
+place atomically, so a reader sees either no library or a complete one.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+CSRC_DIR = Path(__file__).resolve().parent / "csrc"
+DEFAULT_FLAGS = (
+    "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11",
+)
+
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_errors: dict[str, str] = {}
+
+
+class KernelBuildError(RuntimeError):
+    """Compiling or loading a kernel failed; the message carries the compiler's output."""
+
+
+def cache_dir() -> Path:
+    """Directory for built kernels: ``$SHARDWISE_CACHE_DIR`` or ``~/.cache/shardwise``."""
+    env = os.environ.get("SHARDWISE_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "shardwise"
+
+
+def find_compiler() -> str | None:
+    """The C compiler to use: ``$CC`` if set, else the first of gcc, cc, clang on PATH."""
+    env = os.environ.get("CC")
+    if env:
+        return shutil.which(env) or None
+    for name in ("gcc", "cc", "clang"):
+        path = shutil.which(name)
+        if path:
+            return path
+    return None
+
+
+def _cpu_signature() -> str:
+    """Identify the CPU's instruction set, because -march=native output is only valid on it."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.strip()
+    except OSError:
+        pass
+    return platform.machine() + platform.processor()
+
+
+def _compiler_identity(compiler: str) -> str:
+    try:
+        out = subprocess.run([compiler, "--version"], capture_output=True, text=True, timeout=30)
+        return out.stdout.splitlines()[0] if out.stdout else compiler
+    except (OSError, subprocess.SubprocessError):
+        return compiler
+
+
+def _library_path(name: str, source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
+    digest = hashlib.sha256()
+    for part in (source.read_bytes(), _compiler_identity(compiler).encode(), " ".join(flags).encode(),
+                 _cpu_signature().encode()):
+        digest.update(part)
+        digest.update(b"\0")
+    return cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
+
+
+def build(name: str, source: Path, flags: tuple[str, ...] = DEFAULT_FLAGS) -> Path:
+    """Compile ``source`` into a cached shared library and return its path.
+
+    Reuses a cached build when one exists. Raises :class:`KernelBuildError` with the compiler's
+    output when no compiler is found or compilation fails.
+    """
+    compiler = find_compiler()
+    if compiler is None:
+        raise KernelBuildError(
+            f"no C compiler found for the {name} kernel (looked for $CC, gcc, cc, clang); "
+            "install gcc (e.g. `apt-get install gcc`) to enable it"
+        )
+    target = _library_path(name, source, compiler, flags)
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.tmp", dir=target.parent)
+    os.close(fd)
+    try:
+        cmd = [compiler, *flags, "-o", tmp, str(source)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if proc.returncode != 0:
+            raise KernelBuildError(
+                f"compiling the {name} kernel failed (exit {proc.returncode}): {' '.join(cmd)}\n"
+                f"{proc.stderr.strip()}"
+            )
+        os.replace(tmp, target)  # atomic: concurrent builders each publish a complete file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    logger.info("built %s kernel: %s", name, target)
+    return target
+
+
+def load_kernel(name: str, source: Path | None = None) -> ctypes.CDLL | None:
+    """Build (if needed) and load kernel ``name`` from ``csrc/<name>.c``; ``None`` if unavailable.
+
+    The outcome is memoised per process. On failure the reason is logged once as a warning and
+    kept in :func:`build_error`, and ``None`` is returned so callers can fall back to torch.
+    """
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        src = source or CSRC_DIR / f"{name}.c"
+        lib: ctypes.CDLL | None = None
+        failures = []
+        for flags in _flag_variants():
+            try:
+                lib = ctypes.CDLL(str(build(name, src, flags)))
+                break
+            except (KernelBuildError, OSError, subprocess.SubprocessError) as exc:
+                failures.append(str(exc))
+                if find_compiler() is None:
+                    break
+        if lib is None:
+            _errors[name] = "\n".join(failures)
+            logger.warning("shardwise %s kernel unavailable, falling back to torch: %s", name, failures[0])
+        elif failures:
+            logger.warning("shardwise %s kernel built with reduced flags after: %s", name, failures[0])
+        _loaded[name] = lib
+        return lib
+
+
+def _flag_variants() -> list[tuple[str, ...]]:
+    """Full flags first; then without OpenMP (e.g. clang without libomp); then portable code."""
+    no_omp = tuple(f for f in DEFAULT_FLAGS if f != "-fopenmp")
+    portable = tuple(f for f in no_omp if f != "-march=native")
+    return [DEFAULT_FLAGS, no_omp, portable]
+
+
+def build_error(name: str) -> str | None:
+    """Why kernel ``name`` could not be loaded in this process, or ``None``."""
+    return _errors.get(name)

@@ -1,0 +1,45 @@
+"""Wall-clock timers synchronised with the accelerator (``wall_clock_breakdown``)."""
+
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+from shardwise.accelerator import get_accelerator
+
+
+class Timers:
+    """Named, accumulating timers: ``with timers("forward"): ...``; ``timers.means()`` per step."""
+
+    def __init__(self, synchronize: bool = False) -> None:
+        self.synchronize = synchronize
+        self.totals: dict[str, float] = defaultdict(float)
+        self.counts: dict[str, int] = defaultdict(int)
+        self._name: list[str] = []
+        self._start: list[float] = []
+
+    def __call__(self, name: str) -> Timers:
+        self._name.append(name)
+        return self
+
+    def __enter__(self) -> Timers:
+        if self.synchronize:
+            get_accelerator().synchronize()
+        self._start.append(time.perf_counter())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.synchronize:
+            get_accelerator().synchronize()
+        name, start = self._name.pop(), self._start.pop()
+        self.totals[name] += time.perf_counter() - start
+        self.counts[name] += 1
+
+    def reset(self) -> None:
+        """Forget all totals."""
+        self.totals.clear()
+        self.counts.clear()
+
+    def summary_ms(self) -> dict[str, float]:
+        """Total milliseconds per timer since the last reset."""
+        return {k: v * 1e3 for k, v in self.totals.items()}

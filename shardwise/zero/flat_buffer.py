@@ -1,0 +1,93 @@
+"""``FlatGroup``: one optimizer group's trainable parameters stored in a single flat buffer.
+
+Each parameter's ``.data`` becomes a view into the flat buffer, so collectives move whole buckets in place (see
+``layout.py``'s [Note: bucket-interleaved partitions]). The group also owns the gradient storage its policy needs:
+a full gradient buffer (stages 0/1, the BF16 optimizer), the rank's reduced gradient partition (stages 1/2), and
+the fp32 master partition (mixed precision, ZeRO). Only views and storage live here; when and how gradients move
+is ``reducer.py``'s job, and stepping is ``flat_optimizer.py``'s.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from shardwise.zero.layout import FlatLayout
+
+
+class FlatGroup:
+    """Trainable parameters of one optimizer group, flattened."""
+
+    def __init__(self, params: list[nn.Parameter], layout: FlatLayout, rank: int) -> None:
+        if not params:
+            raise ValueError("a FlatGroup needs at least one parameter")
+        dtypes = {p.dtype for p in params}
+        devices = {p.device for p in params}
+        if len(dtypes) > 1 or len(devices) > 1:
+            raise ValueError(f"parameters of one optimizer group must share dtype and device, got {dtypes} {devices}")
+        self.params = params
+        self.layout = layout
+        self.rank = rank
+        self.dtype = params[0].dtype
+        self.device = params[0].device
+        self.flat = torch.zeros(layout.total, dtype=self.dtype, device=self.device)
+        with torch.no_grad():
+            for slot, p in zip(layout.slots, params):
+                view = self.flat[slot.offset : slot.offset + slot.numel]
+                view.copy_(p.detach().reshape(-1))
+                p.data = view.view_as(p)
+        self.full_grad: torch.Tensor | None = None  # full-size accumulation buffer (stages 0/1)
+        self.part_grad: torch.Tensor | None = None  # this rank's reduced gradients (stages 1/2)
+        self.master: torch.Tensor | None = None  # fp32 master partition (or full copy at stage 0 + fp16)
+
+    # -- views ----------------------------------------------------------------------------------------------------
+    def param_view(self, buf: torch.Tensor, index: int) -> torch.Tensor:
+        """Parameter ``index``'s region of a full-size buffer, shaped like the parameter."""
+        slot = self.layout.slots[index]
+        return buf[slot.offset : slot.offset + slot.numel].view_as(self.params[index])
+
+    def bucket_view(self, buf: torch.Tensor, bucket: int) -> torch.Tensor:
+        """A bucket's region of a full-size buffer."""
+        b = self.layout.buckets[bucket]
+        return buf[b.start : b.start + b.size]
+
+    def shard_view(self, buf: torch.Tensor, bucket: int) -> torch.Tensor:
+        """This rank's slice of a bucket in a full-size buffer."""
+        lo, hi = self.layout.buckets[bucket].shard_range(self.rank)
+        return buf[lo:hi]
+
+    def part_view(self, part: torch.Tensor, bucket: int) -> torch.Tensor:
+        """A bucket's slice inside a partition-size buffer."""
+        b = self.layout.buckets[bucket]
+        off = self.layout.bucket_partition_offset(bucket)
+        return part[off : off + b.shard_size]
+
+    def param_shard_of_flat(self) -> torch.Tensor:
+        """This rank's partition of the model-dtype parameters, gathered into one tensor (a copy)."""
+        return torch.cat([self.shard_view(self.flat, b.index) for b in self.layout.buckets])
+
+    # -- storage --------------------------------------------------------------------------------------------------
+    def allocate_full_grad(self, dtype: torch.dtype, as_param_grads: bool) -> None:
+        """A zeroed full-size gradient buffer; with ``as_param_grads`` every ``p.grad`` becomes a view into it."""
+        self.full_grad = torch.zeros(self.layout.total, dtype=dtype, device=self.device)
+        if as_param_grads:
+            for i, p in enumerate(self.params):
+                p.grad = self.param_view(self.full_grad, i)
+
+    def allocate_part_grad(self, dtype: torch.dtype) -> None:
+        """A zeroed buffer for this rank's reduced gradient partition."""
+        self.part_grad = torch.zeros(self.layout.partition_numel, dtype=dtype, device=self.device)
+
+    def allocate_master(self, device: torch.device, partitioned: bool, pin: bool = False) -> None:
+        """The fp32 master weights: this rank's partition (ZeRO) or a full copy (stage 0 with fp16)."""
+        source = self.param_shard_of_flat() if partitioned else self.flat
+        master = source.detach().to(device=device, dtype=torch.float32, copy=True)
+        if pin and device.type == "cpu":
+            from shardwise.accelerator import get_accelerator
+
+            master = get_accelerator().pin_memory(master)
+        self.master = master
+
+    def numel(self) -> int:
+        """Number of parameter elements (padding excluded)."""
+        return self.layout.used_numel

@@ -1,0 +1,129 @@
+"""``FlatStrategy``: ZeRO stages 0, 1, 2 and the BF16 optimizer, assembled from layout + buffers + reducer + optimizer.
+
+The engine talks to a sharding strategy through a handful of methods (see ``engine/strategy.py``); this one builds
+a ``FlatGroup`` per optimizer group (parameters in reverse registration order, which approximates the order
+backward produces gradients, so buckets fill and launch early), wires the hooks, and answers memory questions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from shardwise.comm.group import Group
+from shardwise.zero.flat_buffer import FlatGroup
+from shardwise.zero.flat_optimizer import FlatOptimizer
+from shardwise.zero.hooks import register_grad_hooks
+from shardwise.zero.layout import build_layout
+from shardwise.zero.policy import ZeroPolicy
+from shardwise.zero.reducer import GradReducer
+
+
+def _trainable_groups(module: nn.Module, basic: torch.optim.Optimizer) -> list[list[nn.Parameter]]:
+    """Each optimizer group's trainable parameters, ordered last-registered first (backward order)."""
+    order = {id(p): i for i, p in enumerate(module.parameters())}
+    out = []
+    for group in basic.param_groups:
+        params = [p for p in group["params"] if p.requires_grad]
+        missing = [p for p in params if id(p) not in order]
+        if missing:
+            raise ValueError(
+                f"the optimizer holds {len(missing)} parameter(s) that are not parameters of the model "
+                f"(first shape {tuple(missing[0].shape)}); build the optimizer from model.parameters()"
+            )
+        out.append(sorted(params, key=lambda p: -order[id(p)]))
+    return out
+
+
+class FlatStrategy:
+    """Data parallelism with optional optimizer-state (stage 1) and gradient (stage 2) partitioning."""
+
+    def __init__(self, module: nn.Module, basic: torch.optim.Optimizer, policy: ZeroPolicy, group: Group) -> None:
+        self.policy = policy
+        self.group = group
+        self.name = policy.name
+        world = group.size if policy.partitioned else 1
+        rank = group.rank if policy.partitioned else 0
+        flat_groups: list[FlatGroup | None] = []
+        for params in _trainable_groups(module, basic):
+            if not params:
+                flat_groups.append(None)
+                continue
+            layout = build_layout([p.numel() for p in params], policy.bucket_numel, world)
+            flat_groups.append(FlatGroup(params, layout, rank))
+        self.optimizer = FlatOptimizer(basic, flat_groups, policy, group)
+        self.reducer = GradReducer(self.optimizer.live_groups, policy, group)
+        self._hooks = register_grad_hooks(self.reducer)
+
+    # -- the strategy protocol ------------------------------------------------------------------------------------
+    def begin_backward(self, boundary: bool) -> None:
+        """Arm gradient capture for one backward pass."""
+        self.reducer.begin_backward(boundary)
+
+    def end_backward(self) -> None:
+        """Launch any reduction that backward did not trigger."""
+        self.reducer.end_backward()
+
+    def finish_gradients(self) -> None:
+        """Wait until reduced gradients are in place."""
+        self.reducer.wait_all()
+
+    def local_grad_norm_sq(self) -> torch.Tensor:
+        """Squared norm of the gradients this rank owns."""
+        return self.optimizer.local_norm_sq()
+
+    @property
+    def norm_is_partitioned(self) -> bool:
+        """Whether the norm must be summed over the ZeRO group (each rank owns a different part)."""
+        return self.policy.partitioned
+
+    def scale_grads(self, factor: float) -> None:
+        """Apply averaging, loss-unscaling and clipping in one multiply."""
+        self.optimizer.scale_grads(factor)
+
+    def optimizer_step(self) -> None:
+        """Update owned weights and republish them."""
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        """Reset gradient accumulation."""
+        self.optimizer.zero_grad()
+        self.reducer.reset_window()
+
+    def remove_hooks(self) -> None:
+        """Detach from autograd (``engine.destroy()``)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- memory -------------------------------------------------------------------------------------------------------
+    def memory_breakdown(self) -> dict[str, int]:
+        """Bytes this rank holds for model states, by kind."""
+        params = grads = master = 0
+        for g in self.optimizer.live_groups:
+            params += g.flat.numel() * g.flat.element_size()
+            for t in (g.full_grad, g.part_grad):
+                if t is not None:
+                    grads += t.numel() * t.element_size()
+            if g.master is not None:
+                master += g.master.numel() * g.master.element_size()
+        state = 0
+        for per_param in self.optimizer.basic.state.values():
+            for v in per_param.values():
+                if torch.is_tensor(v) and v.numel() > 1:
+                    state += v.numel() * v.element_size()
+        return {"parameters": params, "gradients": grads, "master_weights": master, "optimizer_states": state}
+
+    def describe(self) -> str:
+        """One line for the log."""
+        n = sum(g.numel() for g in self.optimizer.live_groups)
+        buckets = sum(len(g.layout.buckets) for g in self.optimizer.live_groups)
+        return (f"{self.name}: {n:,} trainable elements in {buckets} bucket(s) of <= {self.policy.bucket_numel:,}; "
+                f"group {self.group!r}; grads accumulate in {str(self.policy.grad_dtype).replace('torch.', '')}"
+                f"{'; optimizer on host' if self.policy.offload_optimizer else ''}")
+
+    def extra_state(self) -> dict[str, Any]:
+        """Hook for checkpointing (filled in by the checkpoint package)."""
+        return {}

@@ -1,0 +1,195 @@
+"""Single-process checks of the launcher's pieces: env files, per-rank commands, core binding, node
+plans, remote shell quoting, the loopback rendezvous store, and the import boundary."""
+
+import ast
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+from shardwise.launcher import launch, runners
+from shardwise.launcher.envfile import (
+    EnvFileError,
+    env_file_paths,
+    forwarded_environment,
+    load_env_files,
+    parse_env_file,
+)
+from shardwise.launcher.hostfile import HostfileError, encode_world_info
+
+LAUNCHER_DIR = Path(launch.__file__).parent
+
+
+def test_parse_env_file_forms():
+    text = "# comment\n\nA=1\nexport B = two words \nC='quoted value'\nD=\"x=y\"\nE=\nF=a'b\n"
+    assert parse_env_file(text) == {"A": "1", "B": "two words", "C": "quoted value", "D": "x=y", "E": "", "F": "a'b"}
+
+
+@pytest.mark.parametrize("line", ["JUSTANAME", "=value", "1ABC=x", "A B=c", "A-B=c"])
+def test_parse_env_file_errors_name_file_and_line(line):
+    with pytest.raises(EnvFileError, match=r"^envf:2: expected NAME=VALUE"):
+        parse_env_file(f"OK=1\n{line}\n", source="envf")
+
+
+def test_env_files_precedence(tmp_path, monkeypatch):
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    (home / ".deepspeed_env").write_text("A=home-ds\nB=home-ds\nC=home-ds\n")
+    (home / ".shardwise_env").write_text("B=home-sw\n")
+    (cwd / ".deepspeed_env").write_text("C=cwd-ds\n")
+    monkeypatch.delenv("DS_ENV_FILE", raising=False)
+    monkeypatch.delenv("SHARDWISE_ENV_FILE", raising=False)
+    paths = env_file_paths(str(home), str(cwd))
+    assert paths == [str(home / ".deepspeed_env"), str(home / ".shardwise_env"), str(cwd / ".deepspeed_env"),
+                     str(cwd / ".shardwise_env")]  # fmt: skip
+    merged, used = load_env_files(paths)
+    assert merged == {"A": "home-ds", "B": "home-sw", "C": "cwd-ds"}
+    assert used == paths[:3]
+    monkeypatch.setenv("DS_ENV_FILE", "custom.env")  # DeepSpeed's override of the file name
+    assert env_file_paths(str(home), str(cwd))[0] == str(home / "custom.env")
+
+
+def test_forwarded_environment_prefixes():
+    environ = {
+        "NCCL_IB_HCA": "mlx5", "PYTHONPATH": "/x", "UCX_TLS": "tcp", "MV2_X": "1", "MLFLOW_URI": "u",
+        "SHARDWISE_ACCELERATOR": "cpu", "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "4",
+        "GLOO_SOCKET_IFNAME": "eth1", "HOME": "/root", "PATH": "/bin", "CUDA_VISIBLE_DEVICES": "0",
+        "OMP_PROC_BIND": "x",
+    }  # fmt: skip
+    assert list(forwarded_environment(environ)) == [
+        "DS_ACCELERATOR", "GLOO_SOCKET_IFNAME", "MLFLOW_URI", "MV2_X", "NCCL_IB_HCA", "OMP_NUM_THREADS",
+        "PYTHONPATH", "SHARDWISE_ACCELERATOR", "UCX_TLS",
+    ]  # fmt: skip
+
+
+def _args(*extra):
+    return launch.parse_args(["--world_info", encode_world_info({"h": [0, 1]}), *extra])
+
+
+def test_worker_command_variants():
+    py = sys.executable
+    assert launch.worker_command(_args("train.py", "--lr", "1"), 2) == [
+        py, "-u", "train.py", "--local_rank=${local_rank}", "--lr", "1",
+    ]  # fmt: skip
+    assert launch.worker_command(_args("--module", "--no_local_rank", "pkg.train"), 2) == [py, "-u", "-m", "pkg.train"]
+    assert launch.worker_command(_args("--no_python", "./run.sh", "a"), 2) == [
+        "./run.sh",
+        "--local_rank=${local_rank}",
+        "a",
+    ]
+    # a literal '$' survives torch's ${local_rank} expansion (Template turns '$$' back into '$')
+    assert launch.worker_command(_args("t.py", "cost=$5", "${local_rank}"), 1)[-2:] == ["cost=$$5", "$${local_rank}"]
+    with pytest.raises(SystemExit):
+        _args("--module", "--no_python", "x")
+
+
+def test_bind_cores_wrapper_pins_and_sets_omp(tmp_path):
+    cores = sorted(os.sched_getaffinity(0))
+    cmd = launch.worker_command(
+        _args("--bind_cores_to_rank", "--no_python", "--no_local_rank", sys.executable), len(cores)
+    )
+    assert cmd[:2] == [sys.executable, "-c"] and cmd[3:6] == [
+        "${local_rank}",
+        str(len(cores)),
+        ",".join(map(str, cores)),
+    ]
+    probe = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
+    last = len(cores) - 1
+    argv = [a.replace("${local_rank}", str(last)) for a in cmd] + ["-c", probe]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    assert out.strip() == f"[{cores[last]}] 1"
+    with pytest.raises(ValueError, match=r"3 ranks but only 2 core\(s\) \[0, 1\]"):
+        launch.worker_command(_args("--bind_cores_to_rank", "--bind_core_list", "0-1", "t.py"), 3)
+
+
+def test_parse_core_list():
+    assert launch.parse_core_list("0,2-4,7") == [0, 2, 3, 4, 7]
+    assert launch.parse_core_list(None) == sorted(os.sched_getaffinity(0))
+    with pytest.raises(ValueError, match="'x' is not N or N-M"):
+        launch.parse_core_list("0,x")
+
+
+def test_node_plan():
+    world = {"a": [0, 1, 2], "b": [1, 3]}
+    plan = launch.node_plan(world, 1)
+    assert (plan.host, plan.slots, plan.first_rank, plan.world_size, plan.num_nodes) == ("b", (1, 3), 3, 5, 2)
+    with pytest.raises(HostfileError, match=r"--node_rank 2 is out of range: the world info has 2 node\(s\) \(a, b\)"):
+        launch.node_plan(world, 2)
+
+
+def test_launch_main_reports_bad_input(capsys):
+    assert launch.main(["train.py"]) == 2
+    assert "--world_info is required" in capsys.readouterr().err
+    assert launch.main([f"--world_info={encode_world_info({'a': [0]})}", "--node_rank=3", "train.py"]) == 2
+    assert "--node_rank 3 is out of range" in capsys.readouterr().err
+
+
+def test_remote_shell_command_quoting():
+    cmd = runners.remote_shell_command("/w d", {"A": "x y", "B": "it's"}, ["py", "--node_rank=%n", "a b"])
+    assert cmd == "cd '/w d' && export A='x y' B='it'\"'\"'s' && exec py --node_rank=%n 'a b'"
+    assert shlex.split(cmd.split("exec ", 1)[1]) == ["py", "--node_rank=%n", "a b"]
+    assert runners.remote_shell_command("/w", {}, ["py"]) == "cd /w && exec py"
+
+
+def test_kill_commands_target_this_job_only():
+    opts = runners.LaunchOptions(user_script="t.py", master_addr="h0")
+    common = dict(opts=opts, active={"h0": [0], "h1": [0]}, world_info="WI", exports={}, cwd="/w")
+    pattern = "shardwise.launcher.launch --world_info=WI --node_rank=[^ ]* --master_addr=h0 --master_port=29500( |$)"
+    pdsh = runners.make_runner("pdsh", **common)
+    assert pdsh.kill_commands() == [["pdsh", "-S", "-f", "1024", "-w", "h0,h1", f"pkill -f '{pattern}'"]]
+    ssh = runners.make_runner("ssh", ssh_port=2022, **common)
+    assert ssh.kill_commands()[1] == ["ssh", "-p", "2022", "h1", f"pkill -f '{pattern}'"]
+    assert pdsh.environment() == {"PDSH_RCMD_TYPE": "ssh"}
+    # the pattern matches this job's per-node command line and not one with another port
+    line = shlex.join(runners.launch_command("WI", 1, opts))
+    assert re.search(pattern, line)
+    other = runners.LaunchOptions(user_script="t.py", master_addr="h0", master_port=29501)
+    assert not re.search(pattern, shlex.join(runners.launch_command("WI", 1, other)))
+
+
+def test_loopback_address_resolution():
+    from shardwise.launcher.net import loopback_address
+
+    assert loopback_address("127.0.0.1") == "127.0.0.1"
+    assert loopback_address("localhost") == "127.0.0.1"
+    assert loopback_address("::1") == "::1"
+    assert loopback_address("192.0.2.1") is None  # documentation address: parsed, never contacted
+
+
+def test_rendezvous_store_listens_on_loopback_only(free_port):
+    from shardwise.launcher.rendezvous import LoopbackAwareStaticRendezvous
+
+    port = free_port()
+    handler = LoopbackAwareStaticRendezvous("localhost", port, rank=0, world_size=1, run_id="t", timeout=10)
+    info = handler.next_rendezvous()
+    info.store.set("k", "v")
+    assert info.store.get("k") == b"v"
+    assert (info.bootstrap_store_info.master_addr, info.bootstrap_store_info.master_port) == ("127.0.0.1", port)
+    listening = [
+        c.laddr
+        for c in psutil.Process().net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert [addr.ip for addr in listening] == ["127.0.0.1"]
+    with pytest.raises(RuntimeError, match=f"cannot listen on 127.0.0.1:{port}.*pass a free one with --master_port"):
+        LoopbackAwareStaticRendezvous("127.0.0.1", port, 0, 1, "t2", 10).next_rendezvous()
+
+
+def test_launcher_imports_no_runtime():
+    """The launcher only starts processes: it may import the stdlib, torch and itself, nothing else of ours."""
+    for path in sorted(LAUNCHER_DIR.glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            for name in names:
+                top = name.split(".")[0]
+                assert top not in {"shardwise"} or name.startswith("shardwise.launcher"), (path.name, name)
+                assert top not in {"psutil", "numpy", "pydantic", "deepspeed"}, (path.name, name)
