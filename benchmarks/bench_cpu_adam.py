@@ -94,7 +94,7 @@ def time_round(opt: torch.optim.Optimizer, steps: int, retries: int = 6) -> tupl
         if before is None or after is None:
             return elapsed / steps * 1e3, False
         foreign = (after[0] - before[0]) - (after[1] - before[1])
-        disturbed = foreign > 0.1 * elapsed * hz + 1
+        disturbed = foreign > 0.1 * elapsed * hz + 2  # +2: jiffy-granular accounting
         if not disturbed:
             break
     return elapsed / steps * 1e3, disturbed

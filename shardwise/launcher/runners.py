@@ -12,6 +12,7 @@ import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from shardwise.launcher.hostfile import Pool, world_size
 
@@ -264,9 +265,10 @@ class OpenMPIRunner(MultiNodeRunner):
     name = "openmpi"
     binary = "mpirun"
 
-    def __init__(self, *args, full_pool: Pool | None = None, **kwargs) -> None:
+    def __init__(self, *args: Any, full_pool: Pool | None = None, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.full_pool = full_pool
+        """Every slot of the hostfile: when nothing was filtered out, the hostfile is passed as is."""
 
     def commands(self) -> list[list[str]]:
         counts = _slots_per_host(self)
@@ -336,13 +338,13 @@ RUNNERS: dict[str, type[MultiNodeRunner]] = {
 }
 
 
-def make_runner(name: str, **kwargs) -> MultiNodeRunner:
+def make_runner(name: str, **kwargs: Any) -> MultiNodeRunner:
     """Build the runner called ``name`` (case-insensitive); unknown or unsupported names raise ValueError."""
     key = name.lower()
     if key in UNSUPPORTED_LAUNCHERS:
         raise ValueError(
-            f"--launcher {key} is not supported by shardwise; use pdsh or ssh (which work with any MPI-free "
-            "cluster), openmpi (mpirun) or slurm (srun)"
+            f"--launcher {key} is not supported by shardwise; use pdsh or ssh (no MPI needed), "
+            "or openmpi (mpirun) or slurm (srun)"
         )
     if key not in RUNNERS:
         raise ValueError(f"unknown --launcher {name!r}; choose one of {', '.join(RUNNERS)}")

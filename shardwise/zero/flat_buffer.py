@@ -9,9 +9,12 @@ is ``reducer.py``'s job, and stepping is ``flat_optimizer.py``'s.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from shardwise import comm
 from shardwise.zero.layout import FlatLayout
 
 
@@ -87,6 +90,19 @@ class FlatGroup:
 
             master = get_accelerator().pin_memory(master)
         self.master = master
+
+    @torch.no_grad()
+    def publish_master(self, comm_group: Any, handles: list, max_inflight: int) -> None:
+        """Cast the master weights into the model buffer: all-gather of each bucket's partitions, or a copy."""
+        if self.master.numel() == self.flat.numel():  # not partitioned
+            self.flat.copy_(self.master)
+            return
+        for b in self.layout.buckets:
+            shard = self.part_view(self.master, b.index).to(device=self.device, dtype=self.dtype, non_blocking=True)
+            handles.append(comm.all_gather_into_tensor(self.bucket_view(self.flat, b.index), shard,
+                                                       group=comm_group, async_op=True))
+            if len(handles) > max_inflight:
+                handles.pop(0).wait()
 
     def numel(self) -> int:
         """Number of parameter elements (padding excluded)."""

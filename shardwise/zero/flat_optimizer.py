@@ -15,7 +15,6 @@ from typing import Any
 
 import torch
 
-from shardwise import comm
 from shardwise.comm.group import Group
 from shardwise.zero.flat_buffer import FlatGroup
 from shardwise.zero.policy import ZeroPolicy
@@ -31,16 +30,7 @@ class FlatOptimizer:
         self.groups = groups
         self.policy = policy
         self.comm_group = comm_group
-        live = [g for g in groups if g is not None]
-        for g in live:
-            if policy.partitioned:
-                g.allocate_part_grad(policy.grad_dtype)
-            if not policy.reduce_every_micro_step:
-                g.allocate_full_grad(policy.grad_dtype, as_param_grads=policy.grads_are_param_views)
         if policy.use_master:
-            device = torch.device("cpu") if policy.offload_optimizer else None
-            for g in live:
-                g.allocate_master(device or g.device, partitioned=policy.partitioned, pin=policy.pin_memory)
             for group, g in zip(basic.param_groups, groups):
                 group["params"] = [g.master] if g is not None else []
             basic.state.clear()
@@ -94,18 +84,10 @@ class FlatOptimizer:
 
     @torch.no_grad()
     def publish(self) -> None:
-        """Copy master weights into the model: all-gather of the updated partitions, bucket by bucket."""
-        handles = []
+        """Make the model's weights current from the master copies (each group knows how: all-gather or copy)."""
+        handles: list = []
         for g in self.live_groups:
-            if not self.policy.partitioned:
-                g.flat.copy_(g.master)
-                continue
-            for b in g.layout.buckets:
-                shard = g.part_view(g.master, b.index).to(device=g.device, dtype=g.dtype, non_blocking=True)
-                handles.append(comm.all_gather_into_tensor(g.bucket_view(g.flat, b.index), shard,
-                                                           group=self.comm_group, async_op=True))
-                if len(handles) > self.policy.max_inflight:
-                    handles.pop(0).wait()
+            g.publish_master(self.comm_group, handles, self.policy.max_inflight)
         for h in handles:
             h.wait()
 

@@ -15,6 +15,7 @@ from torch import nn
 from shardwise.comm.group import Group
 from shardwise.zero.flat_buffer import FlatGroup
 from shardwise.zero.flat_optimizer import FlatOptimizer
+from shardwise.zero.fragments import Fragment, optimizer_state_slices
 from shardwise.zero.hooks import register_grad_hooks
 from shardwise.zero.layout import build_layout
 from shardwise.zero.policy import ZeroPolicy
@@ -53,6 +54,16 @@ class FlatStrategy:
                 continue
             layout = build_layout([p.numel() for p in params], policy.bucket_numel, world)
             flat_groups.append(FlatGroup(params, layout, rank))
+        for g in flat_groups:
+            if g is None:
+                continue
+            if policy.partitioned:
+                g.allocate_part_grad(policy.grad_dtype)
+            if not policy.reduce_every_micro_step:
+                g.allocate_full_grad(policy.grad_dtype, as_param_grads=policy.grads_are_param_views)
+            if policy.use_master:
+                device = torch.device("cpu") if policy.offload_optimizer else g.device
+                g.allocate_master(device, partitioned=policy.partitioned, pin=policy.pin_memory)
         self.optimizer = FlatOptimizer(basic, flat_groups, policy, group)
         self.reducer = GradReducer(self.optimizer.live_groups, policy, group)
         self._hooks = register_grad_hooks(self.reducer)
@@ -97,6 +108,44 @@ class FlatStrategy:
         for h in self._hooks:
             h.remove()
         self._hooks = []
+
+    # -- state access ------------------------------------------------------------------------------------------
+    @property
+    def state_group(self) -> Group:
+        """Ranks whose fragments together cover every parameter (size 1 when state is replicated)."""
+        return self.group if self.policy.partitioned else Group("self", (self.group.global_rank(self.group.rank),))
+
+    def managed(self) -> dict[int, tuple[FlatGroup, int]]:
+        """id(param) -> (its FlatGroup, its index in the group)."""
+        if not hasattr(self, "_managed"):
+            self._managed = {id(p): (g, i) for g in self.optimizer.live_groups for i, p in enumerate(g.params)}
+        return self._managed
+
+    def fragments(self, param: nn.Parameter) -> list[Fragment]:
+        """This rank's pieces of ``param``'s master values, gradient and optimizer state (empty if unmanaged)."""
+        found = self.managed().get(id(param))
+        if found is None:
+            return []
+        g, i = found
+        slot = g.layout.slots[i]
+        model_flat = param.data.view(-1)
+        if not self.policy.use_master:  # stage 0 fp32: the optimizer steps the parameter itself
+            grad = g.full_grad[slot.offset : slot.offset + slot.numel]
+            state = optimizer_state_slices(self.optimizer.basic.state.get(param, {}), 0, slot.numel, slot.numel)
+            return [Fragment(0, slot.numel, model_flat, model_flat, grad, state)]
+        opt_state = self.optimizer.basic.state.get(g.master, {})
+        if not self.policy.partitioned:
+            off = slot.offset
+            grad = g.full_grad[off : off + slot.numel]
+            state = optimizer_state_slices(opt_state, off, slot.numel, g.master.numel())
+            return [Fragment(0, slot.numel, g.master[off : off + slot.numel], model_flat, grad, state)]
+        out = []
+        for start, end, part in g.layout.owned_pieces(i, g.rank):
+            n = end - start
+            state = optimizer_state_slices(opt_state, part, n, g.master.numel())
+            out.append(Fragment(start, end, g.master[part : part + n], model_flat[start:end],
+                                g.part_grad[part : part + n], state))
+        return out
 
     # -- memory -------------------------------------------------------------------------------------------------------
     def memory_breakdown(self) -> dict[str, int]:
