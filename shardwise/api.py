@@ -50,10 +50,15 @@ def initialize(
             "--deepspeed_config (see shardwise.add_config_arguments)"
         )
     raw = read_config_dict(source)
-    topology = _topology(raw, mpu, mesh_param)
+    topology = _topology(raw, model, mpu, mesh_param)
     cfg = load_config(source, dp_world_size=topology.size("dp"))
     comm.configure(cfg.comms_logger)
-    from shardwise.engine.build import build_engine
+    if _is_pipeline_module(model):
+        if mpu is not None:
+            raise ValueError("a PipelineModule carries its own topology; pass mpu=None (as DeepSpeed requires)")
+        from shardwise.pipe.engine import build_pipeline_engine as build_engine
+    else:
+        from shardwise.engine.build import build_engine
 
     engine = build_engine(module=model, config=cfg, topology=topology, optimizer=optimizer,
                           model_parameters=model_parameters, lr_scheduler=lr_scheduler, training_data=training_data,
@@ -61,11 +66,20 @@ def initialize(
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 
-def _topology(raw: dict[str, Any], mpu: Any, mesh_param: Any) -> Topology:
-    sp = int(raw.get("sequence_parallel_size", 1) or 1)
-    tp = 1
-    if mesh_param is not None:
-        dp_size, sp = mesh_param
+def _is_pipeline_module(model: Any) -> bool:
+    return any(cls.__name__ == "PipelineModule" and cls.__module__.startswith("shardwise")
+               for cls in type(model).__mro__)
+
+
+def _topology(raw: dict[str, Any], model: Any, mpu: Any, mesh_param: Any) -> Topology:
+    """The process grid: a pipeline module's own topology, a Megatron-style mpu's, or data (x sequence) parallel."""
+    if _is_pipeline_module(model):
+        return model.topology()
     if mpu is not None:
-        tp = int(mpu.get_model_parallel_world_size())
-    return Topology(tp=tp, sp=sp)
+        from shardwise.tp.mpu import topology_from_mpu
+
+        return topology_from_mpu(mpu)
+    sp = int(raw.get("sequence_parallel_size", 1) or 1)
+    if mesh_param is not None:
+        _, sp = mesh_param
+    return Topology(sp=sp)

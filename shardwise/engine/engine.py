@@ -20,6 +20,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
+from shardwise.engine import model_parallel
 from shardwise.engine.step_log import StepLog
 from shardwise.utils.logging import log_dist, logger
 from shardwise.utils.timers import Timers
@@ -209,6 +210,7 @@ class Engine(nn.Module):
 
     def _take_model_step(self, lr_kwargs: dict[str, Any]) -> None:
         self.strategy.finish_gradients()
+        model_parallel.sync_sequence_parallel_grads(self.strategy, self.module, self.topology)
         norm = self._global_norm()
         scale = self._grad_scale_factor()
         overflow = not math.isfinite(norm) and (self.fp16_enabled() or self._checks_bf16_overflow())
@@ -254,11 +256,47 @@ class Engine(nn.Module):
         return factor
 
     def _global_norm(self) -> float:
-        """Norm of the summed (still scaled) gradients over every rank, computed once with one all-reduce."""
+        """Norm of the summed (still scaled) gradients over every rank of the grid.
+
+        Each rank contributes the squared norm of the gradients it owns; weights replicated across tensor-parallel
+        ranks (norms, row-parallel biases: those without ``tensor_model_parallel``) are counted on tensor rank 0 only,
+        then one all-reduce sums over the ZeRO group (if partitioned) and one over the model-parallel (pp x tp) group.
+        """
         norm_sq = self.strategy.local_grad_norm_sq().to(torch.float64)
+        if self.topology.size("tp") > 1 and self.topology.coord("tp") > 0:
+            norm_sq = norm_sq - model_parallel.replicated_norm_sq(self.strategy, self.module).to(torch.float64)
         if self.strategy.norm_is_partitioned:
             comm.all_reduce(norm_sq, group=self.topology.zero_group)
-        return math.sqrt(norm_sq.item()) if norm_sq.item() >= 0 else float("nan")
+        comm.all_reduce(norm_sq, group=self.topology.model_parallel_group)
+        value = norm_sq.item()
+        return math.sqrt(max(value, 0.0)) if math.isfinite(value) else float("nan")
+
+    # -- checkpoints (the format and its rules live in shardwise/checkpoint/) -------------------------------------
+    def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,
+                        save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
+        """Save module, optimizer, scheduler, loss scaler, counters, RNG and ``client_state`` under ``save_dir/tag``."""
+        from shardwise.checkpoint.engine import save_checkpoint
+
+        return save_checkpoint(self, save_dir, tag=tag, client_state=client_state or {}, save_latest=save_latest,
+                               exclude_frozen_parameters=exclude_frozen_parameters)
+
+    def load_checkpoint(self, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
+                        load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
+                        load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, dict]:
+        """Load a checkpoint saved by any layout into this one; returns ``(load_path, client_state)``."""
+        from shardwise.checkpoint.engine import load_checkpoint
+
+        return load_checkpoint(self, load_dir, tag=tag, load_module_strict=load_module_strict,
+                               load_optimizer_states=load_optimizer_states,
+                               load_lr_scheduler_states=load_lr_scheduler_states, load_module_only=load_module_only,
+                               custom_load_fn=custom_load_fn)
+
+    def save_16bit_model(self, save_dir: str, save_filename: str = "pytorch_model.bin",
+                         exclude_frozen_parameters: bool = False) -> bool:
+        """Write the full model weights in the training dtype (one file, rank 0)."""
+        from shardwise.checkpoint.engine import save_16bit_model
+
+        return save_16bit_model(self, save_dir, save_filename, exclude_frozen_parameters)
 
     def zero_grad(self) -> None:
         """Drop accumulated gradients (the step does this itself)."""

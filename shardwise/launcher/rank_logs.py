@@ -51,13 +51,23 @@ class _Source:
             if not chunk:  # all write ends closed: the worker exited and the agent closed its copy
                 self.closed = True
                 break
-            self.dest.write(chunk)
+            self._write(chunk)
             wrote = True
             if self.keep_tail:
                 self.tail = (self.tail + chunk)[-_TAIL_BYTES:]
                 self.last_data = time.monotonic()
         if wrote:
-            self.dest.flush()
+            self._write(b"", flush=True)
+
+    def _write(self, data: bytes, flush: bool = False) -> None:
+        # Keep draining even if our own stderr or the log file breaks: a full pipe would block the rank.
+        try:
+            if data:
+                self.dest.write(data)
+            if flush:
+                self.dest.flush()
+        except (OSError, ValueError):
+            self.dest = _NullSink()
 
     def close(self) -> None:
         self.closed = True
@@ -157,6 +167,16 @@ class RankLogs(LogsSpecs):
         if not self._rank_log_dir:
             return None
         return os.path.join(self._rank_log_dir, f"{self._prefix}_rank{rank}.log")
+
+
+class _NullSink:
+    """Where output goes once its real destination failed."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
 
 
 class _TextAsBinary:
