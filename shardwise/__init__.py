@@ -10,10 +10,9 @@ from typing import Any
 
 __version__ = "0.1.0"
 
-from shardwise.accelerator import get_accelerator  # noqa: E402
-from shardwise.comm import init_distributed  # noqa: E402
-
 _LAZY = {
+    "get_accelerator": ("shardwise.accelerator", "get_accelerator"),
+    "init_distributed": ("shardwise.comm", "init_distributed"),
     "initialize": ("shardwise.api", "initialize"),
     "add_config_arguments": ("shardwise.config", "add_config_arguments"),
     "init_inference": ("shardwise.inference", "init_inference"),
@@ -41,4 +40,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'shardwise' has no attribute {name!r}")
 
 
-__all__ = ["__version__", "get_accelerator", "init_distributed", *_LAZY]
+__all__ = ["__version__", *_LAZY]

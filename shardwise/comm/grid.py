@@ -86,3 +86,17 @@ def chunk_groups(groups: Sequence[tuple[int, ...]], size: int) -> list[tuple[int
             raise GridError(f"group of {len(g)} ranks cannot be split into chunks of {size}")
         out.extend(tuple(g[i : i + size]) for i in range(0, len(g), size))
     return out
+
+
+def strided_groups(groups: Sequence[tuple[int, ...]], size: int) -> list[tuple[int, ...]]:
+    """Members with the same position inside each chunk of ``size`` (hpZ's cross-node peer groups).
+
+    For a group ``(0..7)`` and ``size=4``: chunks are ``(0,1,2,3)``, ``(4,5,6,7)``; strided groups ``(0,4)``,
+    ``(1,5)``, ``(2,6)``, ``(3,7)``.
+    """
+    out = []
+    for g in groups:
+        if len(g) % size:
+            raise GridError(f"group of {len(g)} ranks cannot be split into chunks of {size}")
+        out.extend(tuple(g[i::size]) for i in range(size))
+    return out

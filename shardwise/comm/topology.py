@@ -73,6 +73,17 @@ class Topology:
             self._groups[key] = self._make(key, chunks)
         return self._groups[key]
 
+    def strided_subgroup(self, name: str, parent: str, size: int) -> Group:
+        """Members of each ``parent`` group that sit at the same position of every chunk of ``size`` ranks.
+
+        With ``size`` = ranks per node these are the cross-node peers (one rank per node), the partner of
+        ``subgroup`` in hierarchical (hpZ) collectives.
+        """
+        if name not in self._groups:
+            peers = grid.strided_groups(grid.axis_groups(STANDARD_GROUPS[parent], self.sizes), size)
+            self._groups[name] = self._make(name, peers)
+        return self._groups[name]
+
     # -- questions ------------------------------------------------------------------------------------------------
     def group(self, name: str) -> Group:
         """A group by name: tp, sp, dp, pp, dp+sp, pp+tp, dp+sp+tp, world, or a subgroup created earlier."""

@@ -28,6 +28,8 @@ from shardwise.engine.optimizers import build_optimizer, is_zero_supported_optim
 from shardwise.engine.precision import make_scaler, model_dtype
 from shardwise.zero.flat_strategy import FlatStrategy
 from shardwise.zero.policy import default_bucket_numel, make_policy
+from shardwise.zero.shard_comm import HierarchicalShardComm, ShardComm
+from shardwise.zero.stage3 import Stage3Strategy
 
 
 class EngineBuildError(ValueError):
@@ -104,8 +106,6 @@ def _is_cpu_adam(opt: torch.optim.Optimizer) -> bool:
 
 def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: torch.optim.Optimizer):
     zc = config.zero_optimization
-    if zc.stage == 3:
-        raise EngineBuildError("zero_optimization.stage 3 is not available in this build of shardwise yet")
     dtype = model_dtype(config)
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     explicit = config.raw.get("zero_optimization", {}) if isinstance(config.raw, dict) else {}
@@ -119,7 +119,27 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
         offload_optimizer=zc.offload_optimizer_device != "none",
         pin_memory=bool(zc.offload_optimizer and zc.offload_optimizer.pin_memory),
     )
+    if zc.stage == 3:
+        return Stage3Strategy(module, basic, policy, topology.zero_group, _shard_comm(zc, topology), zc, explicit)
     return FlatStrategy(module, basic, policy, topology.zero_group)
+
+
+def _shard_comm(zc: Any, topology: Topology) -> Any:
+    """Flat or hierarchical (hpZ) ZeRO-3 collectives, optionally quantized (qwZ / qgZ)."""
+    group = topology.zero_group
+    hpz = int(zc.zero_hpz_partition_size or 1)
+    quant = {"quantized_weights": bool(zc.zero_quantized_weights),
+             "quantized_gradients": bool(zc.zero_quantized_gradients)}
+    if hpz <= 1 or hpz >= group.size:
+        return ShardComm(group, **quant)
+    if group.size % hpz:
+        raise EngineBuildError(
+            f"zero_optimization.zero_hpz_partition_size = {hpz} does not divide the ZeRO group size {group.size}; "
+            f"set it to the number of ranks per node (here {topology.local_world_size})"
+        )
+    intra = topology.subgroup("hpz-intra", "dp+sp", hpz)
+    inter = topology.strided_subgroup("hpz-inter", "dp+sp", hpz)
+    return HierarchicalShardComm(group, intra, inter, **quant)
 
 
 @torch.no_grad()
@@ -130,7 +150,9 @@ def _broadcast_from_first_replica(module: nn.Module, strategy: Any, topology: To
         return
     src = group.global_rank(0)
     flat_ids = set()
-    if strategy is not None:
+    if strategy is not None and hasattr(strategy, "units"):  # ZeRO-3 broadcast while partitioning
+        flat_ids.update(id(p) for u in strategy.units for p in u.params)
+    elif strategy is not None:
         for g in strategy.optimizer.live_groups:
             comm.broadcast(g.flat, src=src, group=group)
             flat_ids.update(id(p) for p in g.params)

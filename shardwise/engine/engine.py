@@ -176,7 +176,11 @@ class Engine(nn.Module):
         if self._step_started is None:
             self._step_started = time.perf_counter()
         with self.timers("forward"):
-            return self.module(*inputs, **kwargs)
+            if self.strategy is None or not hasattr(self.strategy, "forward_context"):
+                return self.module(*inputs, **kwargs)
+            self.strategy.before_forward()
+            with self.strategy.forward_context():
+                return self.module(*inputs, **kwargs)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Backpropagate ``loss``: scaled by 1/gradient_accumulation_steps and by the fp16 loss scale."""

@@ -18,6 +18,7 @@ from shardwise.zero.flat_optimizer import FlatOptimizer
 from shardwise.zero.fragments import Fragment, optimizer_state_slices
 from shardwise.zero.hooks import register_grad_hooks
 from shardwise.zero.layout import build_layout
+from shardwise.zero.owners import register_owner
 from shardwise.zero.policy import ZeroPolicy
 from shardwise.zero.reducer import GradReducer
 
@@ -67,6 +68,7 @@ class FlatStrategy:
         self.optimizer = FlatOptimizer(basic, flat_groups, policy, group)
         self.reducer = GradReducer(self.optimizer.live_groups, policy, group)
         self._hooks = register_grad_hooks(self.reducer)
+        register_owner((p for g in self.optimizer.live_groups for p in g.params), self)
 
     # -- the strategy protocol ------------------------------------------------------------------------------------
     def begin_backward(self, boundary: bool) -> None:
@@ -114,6 +116,11 @@ class FlatStrategy:
     def state_group(self) -> Group:
         """Ranks whose fragments together cover every parameter (size 1 when state is replicated)."""
         return self.group if self.policy.partitioned else Group("self", (self.group.global_rank(self.group.rank),))
+
+    @property
+    def grad_reduce_size(self) -> int:
+        """Data-parallel replicas whose gradients are summed in ``Fragment.grad`` (the engine divides at the step)."""
+        return self.group.size
 
     def managed(self) -> dict[int, tuple[FlatGroup, int]]:
         """id(param) -> (its FlatGroup, its index in the group)."""

@@ -1,4 +1,4 @@
-"""``ZeroPolicy``: everything that differs between ZeRO stages 0-2 and the BF16 optimizer, as data.
+"""``ZeroPolicy``: everything that differs between ZeRO stages and the BF16 optimizer, as data.
 
 The stages share one mechanism (flat buckets, hook-driven reduction, a flat optimizer step); a stage is just a
 choice of where gradients accumulate, when they are reduced, and whether state is partitioned:
@@ -11,6 +11,7 @@ stage              partitioned  gradient storage     reduced              collec
 BF16 optimizer     yes          full, fp32           at the boundary      reduce-scatter + all-gather
 1                  yes          full, accum dtype    at the boundary      reduce-scatter + all-gather
 2                  yes          own partition only   every micro-step     reduce-scatter + all-gather
+3                  yes          own partition only   every micro-step     reduce-scatter; params gathered
 =================  ===========  ===================  ===================  ===========================
 """
 
@@ -71,8 +72,10 @@ def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str |
         partitioned, every = True, False
     elif stage == 2:
         name, partitioned, every = "ZeRO-2", True, True
+    elif stage == 3:
+        name, partitioned, every = "ZeRO-3", True, True
     else:
-        raise ValueError(f"make_policy handles stages 0-2, got {stage}")
+        raise ValueError(f"zero_optimization.stage must be 0-3, got {stage}")
     policy = ZeroPolicy(
         stage=stage, name=name, partitioned=partitioned, reduce_every_micro_step=every, grad_dtype=accum,
         use_master=low_precision or partitioned or offload_optimizer, overlap_comm=overlap_comm,

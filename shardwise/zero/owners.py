@@ -1,0 +1,33 @@
+"""Which sharding strategy manages a parameter: the lookup behind the ZeRO inspection API.
+
+``safe_get_full_fp32_param(param)`` and friends receive nothing but a parameter. Rather than gluing state onto
+``nn.Parameter`` attributes, a strategy registers the parameters it manages here, and readers ask ``owner_of``.
+Both sides are weak: a registered parameter does not keep its strategy (and its buffers) alive, and a dropped
+model does not linger in the table. Building a new engine over the same parameters re-registers them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from torch.utils.weak import WeakIdKeyDictionary
+
+_OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def register_owner(params: Iterable[Any], strategy: Any) -> None:
+    """Record that ``strategy`` manages every parameter in ``params`` (its ``fragments(p)`` answers for them)."""
+    ref = weakref.ref(strategy)
+    for p in params:
+        _OWNERS[p] = ref
+
+
+def owner_of(param: Any) -> Any | None:
+    """The live strategy managing ``param``, or None (not trainable, not wrapped, or its engine is gone)."""
+    ref = _OWNERS.get(param)
+    strategy = ref() if ref is not None else None
+    if strategy is None:
+        strategy = getattr(param, "_sw_strategy", None)  # ZeRO-3 parameters carry their strategy
+    return strategy
