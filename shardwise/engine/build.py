@@ -106,7 +106,8 @@ def _is_cpu_adam(opt: torch.optim.Optimizer) -> bool:
 
 def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: torch.optim.Optimizer):
     zc = config.zero_optimization
-    dtype = model_dtype(config)
+    # the parameters' actual dtype (the config's, or float64 for a double-precision model)
+    dtype = next((p.dtype for p in module.parameters() if p.requires_grad), model_dtype(config))
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     explicit = config.raw.get("zero_optimization", {}) if isinstance(config.raw, dict) else {}
     bucket = default_bucket_numel(trainable, zc.reduce_bucket_size if "reduce_bucket_size" in explicit else None)

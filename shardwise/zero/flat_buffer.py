@@ -18,6 +18,11 @@ from shardwise import comm
 from shardwise.zero.layout import FlatLayout
 
 
+def master_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """fp32 masters for fp32/bf16/fp16 models; float64 models (exactness tests) keep float64."""
+    return torch.float64 if param_dtype == torch.float64 else torch.float32
+
+
 class FlatGroup:
     """Trainable parameters of one optimizer group, flattened."""
 
@@ -84,7 +89,7 @@ class FlatGroup:
     def allocate_master(self, device: torch.device, partitioned: bool, pin: bool = False) -> None:
         """The fp32 master weights: this rank's partition (ZeRO) or a full copy (stage 0 with fp16)."""
         source = self.param_shard_of_flat() if partitioned else self.flat
-        master = source.detach().to(device=device, dtype=torch.float32, copy=True)
+        master = source.detach().to(device=device, dtype=master_dtype(self.dtype), copy=True)
         if pin and device.type == "cpu":
             from shardwise.accelerator import get_accelerator
 

@@ -48,12 +48,11 @@ class FlatOptimizer:
         return [g.full_grad for g in self.live_groups]
 
     def local_norm_sq(self) -> torch.Tensor:
-        """Sum of squared gradient elements this rank owns (fp32; padding is zero and adds nothing)."""
-        grads = self.owned_grads()
+        """Sum of squared gradient elements this rank owns (fp32 for 16-bit grads, else their own dtype)."""
+        grads = [t if t.dtype in (torch.float32, torch.float64) else t.float() for t in self.owned_grads()]
         if not grads:
             return torch.zeros((), dtype=torch.float32)
-        norms = torch._foreach_norm([t.float() if t.dtype != torch.float32 else t for t in grads], 2.0)
-        return torch.stack(norms).float().pow(2).sum()
+        return torch.stack([n.double() for n in torch._foreach_norm(grads, 2.0)]).pow(2).sum()
 
     def scale_grads(self, factor: float) -> None:
         """Multiply every owned gradient by ``factor`` (averaging, loss-scale removal and clipping in one pass)."""
@@ -76,7 +75,7 @@ class FlatOptimizer:
             return
         for g in self.live_groups:
             grad = g.part_grad if self.policy.partitioned else g.full_grad
-            g.master.grad = grad.to(device=g.master.device, dtype=torch.float32, non_blocking=True)
+            g.master.grad = grad.to(device=g.master.device, dtype=g.master.dtype, non_blocking=True)
         self.basic.step()
         for g in self.live_groups:
             g.master.grad = None

@@ -109,7 +109,7 @@ class ZeroParameter(torch.nn.Parameter):
     def ds_shape(self) -> torch.Size:
         """The full shape (``.shape`` is ``(0,)`` while the parameter is released)."""
         unit = self._sw_unit
-        return unit.shapes[unit.params.index(self)]
+        return unit.shapes[self._sw_index]
 
     @property
     def ds_numel(self) -> int:
@@ -125,7 +125,7 @@ class ZeroParameter(torch.nn.Parameter):
     def ds_id(self) -> int:
         """A stable id: the unit id times 1000 plus the position inside the unit."""
         unit = self._sw_unit
-        return unit.uid * 1000 + unit.params.index(self)
+        return unit.uid * 1000 + self._sw_index
 
     @property
     def ds_tensor(self) -> torch.Tensor:
@@ -139,6 +139,7 @@ class ZeroParameter(torch.nn.Parameter):
 def mark_zero3_param(param: torch.nn.Parameter, unit: Any, strategy: Any) -> None:
     """Attach a parameter to its unit and give it the ``ds_*`` properties."""
     param._sw_unit = unit
+    param._sw_index = next(i for i, p in enumerate(unit.params) if p is param)
     param._sw_strategy = strategy
     if type(param) is torch.nn.Parameter:
         param.__class__ = ZeroParameter

@@ -12,6 +12,12 @@ import torch
 BLOCK = 256
 
 
+def block_for(n: int) -> int:
+    """Block size for a tensor of ``n`` elements: ``BLOCK``, or the next power of two (>= 16) for small tensors,
+    so a 32-element bias is not padded to 256 codes."""
+    return min(BLOCK, max(16, 1 << max(0, n - 1).bit_length()))
+
+
 def padded_len(n: int, block: int = BLOCK) -> int:
     """``n`` rounded up to a whole number of blocks."""
     return -(-n // block) * block

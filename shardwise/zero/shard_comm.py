@@ -48,7 +48,8 @@ class Deferred:
 
 def _quantized_all_gather(full: torch.Tensor, shard: torch.Tensor, group: Group, async_op: bool) -> Deferred:
     n = shard.numel()
-    codes, scales = q.quantize(shard)
+    block = q.block_for(n)
+    codes, scales = q.quantize(shard, block)
     all_codes = torch.empty(codes.numel() * group.size, dtype=torch.int8, device=shard.device)
     all_scales = torch.empty(scales.numel() * group.size, dtype=torch.float32, device=shard.device)
     h1 = comm.all_gather_into_tensor(all_codes, codes, group=group, async_op=True)
@@ -58,7 +59,7 @@ def _quantized_all_gather(full: torch.Tensor, shard: torch.Tensor, group: Group,
         per_codes, per_scales = codes.numel(), scales.numel()
         for r in range(group.size):
             values = q.dequantize(all_codes[r * per_codes : (r + 1) * per_codes],
-                                  all_scales[r * per_scales : (r + 1) * per_scales], n)
+                                  all_scales[r * per_scales : (r + 1) * per_scales], n, block)
             full[r * n : (r + 1) * n].copy_(values)
 
     d = Deferred([h1, h2], finish)
@@ -69,8 +70,9 @@ def _quantized_all_gather(full: torch.Tensor, shard: torch.Tensor, group: Group,
 
 def _quantized_reduce_scatter(out: torch.Tensor, full: torch.Tensor, group: Group, async_op: bool) -> Deferred:
     n = out.numel()
+    block = q.block_for(n)
     rows = full.view(group.size, n)
-    pieces = [q.quantize(rows[r]) for r in range(group.size)]
+    pieces = [q.quantize(rows[r], block) for r in range(group.size)]
     codes = torch.cat([c for c, _ in pieces])
     scales = torch.cat([s for _, s in pieces])
     recv_codes, recv_scales = torch.empty_like(codes), torch.empty_like(scales)
@@ -82,7 +84,7 @@ def _quantized_reduce_scatter(out: torch.Tensor, full: torch.Tensor, group: Grou
         total = torch.zeros(n, dtype=torch.float32, device=out.device)
         for r in range(group.size):
             total += q.dequantize(recv_codes[r * per_codes : (r + 1) * per_codes],
-                                  recv_scales[r * per_scales : (r + 1) * per_scales], n)
+                                  recv_scales[r * per_scales : (r + 1) * per_scales], n, block)
         out.copy_(total)
 
     d = Deferred([h1, h2], finish)

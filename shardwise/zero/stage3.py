@@ -22,6 +22,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.comm.group import Group
 from shardwise.zero import hooks
+from shardwise.zero.flat_buffer import master_dtype
 from shardwise.zero.flat_optimizer import FlatOptimizer
 from shardwise.zero.fragments import Fragment, optimizer_state_slices
 from shardwise.zero.layout import build_layout
@@ -49,7 +50,7 @@ class Stage3Group:
 
     def allocate_master(self, device: torch.device, pin: bool = False) -> None:
         """fp32 master weights of this rank's shards."""
-        master = self.shards.detach().to(device=device, dtype=torch.float32, copy=True)
+        master = self.shards.detach().to(device=device, dtype=master_dtype(self.dtype), copy=True)
         if pin and device.type == "cpu":
             from shardwise.accelerator import get_accelerator
 
@@ -345,7 +346,7 @@ class Stage3Strategy:
         u = self.param_unit.get(id(param))
         if u is None:
             return []
-        i = next(k for k, p in enumerate(u.params) if p is param)
+        i = param._sw_index
         slot = u.layout.slots[i]
         lo, hi = u.shard_range
         start, end = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
