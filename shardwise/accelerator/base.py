@@ -130,7 +130,7 @@ class Accelerator(ABC):
         return None
 
     def empty_cache(self) -> None:
-        """Return cached blocks to the device allocator."""
+        """Return cached blocks to the device allocator (CPU: freed heap pages back to the OS)."""
         return None
 
     def total_memory(self, device_index: int | None = None) -> int:

@@ -7,6 +7,7 @@ because host tensors share the allocator with everything else in the process.
 
 from __future__ import annotations
 
+import ctypes
 import os
 import re
 
@@ -15,6 +16,18 @@ import psutil
 from shardwise.accelerator.base import Accelerator
 
 _HWM_RE = re.compile(r"VmHWM:\s+(\d+)\s+kB")
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.malloc_trim.argtypes = [ctypes.c_size_t]
+        return libc
+    except (OSError, AttributeError):  # not glibc
+        return None
+
+
+_LIBC = _load_libc()
 
 
 def _peak_rss_bytes() -> int:
@@ -64,6 +77,12 @@ class CpuAccelerator(Accelerator):
                 f.write("5")
         except OSError:
             pass
+
+    def empty_cache(self) -> None:
+        # glibc keeps freed heap memory mapped (its mmap threshold grows after large frees), so a process that
+        # frees a tensor keeps its RSS; malloc_trim hands free pages back, as empty_cache does for CUDA's cache.
+        if _LIBC is not None:
+            _LIBC.malloc_trim(0)
 
     def total_memory(self, device_index: int | None = None) -> int:
         return psutil.virtual_memory().total

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from shardwise import comm
+from shardwise.accelerator import get_accelerator
 from shardwise.comm.group import Group, as_group
 
 
@@ -26,6 +27,11 @@ def _shard_bounds(numel: int, world: int, rank: int) -> tuple[int, int, int]:
     per = -(-numel // world)
     lo = min(numel, rank * per)
     return lo, min(numel, lo + per), per
+
+
+def full_shape(param: nn.Parameter) -> torch.Size:
+    """A parameter's real shape, also while ``zero.Init`` keeps only a shard of it."""
+    return param._sw_init_shape if hasattr(param, "_sw_init_shard") else param.shape
 
 
 def full_param_values(param: nn.Parameter, group: Group) -> tuple[torch.Tensor, bool]:
@@ -137,8 +143,11 @@ class Init:
                 module.__dict__["_sw_init_depth"] = depth
             if depth == 0:
                 del module.__dict__["_sw_init_depth"]
-                for p in module.parameters(recurse=False):
+                params = list(module.parameters(recurse=False))
+                for p in params:
                     _shard_param(p, ctx.group, ctx.dtype, ctx.device)
+                if params:
+                    get_accelerator().empty_cache()  # the full values just freed go back to the allocator/OS
 
         init._sw_wrapped = True
         return init
@@ -182,18 +191,23 @@ class GatheredParameters:
     def __exit__(self, *exc: Any) -> None:
         if not self.enabled:
             return
+        # every parameter is broadcast and written back before any unit is released (units hold several params)
         for p in self.params:
             group = p._sw_unit.comm.group if hasattr(p, "_sw_unit") else p._sw_init_group
             if self.modifier_rank is not None:
                 comm.broadcast(p.data, src=self.modifier_rank, group=group)
-            if hasattr(p, "_sw_unit"):
-                if self.modifier_rank is not None:
+                if hasattr(p, "_sw_unit"):
                     _write_back(p)
-                p._sw_strategy.release([p._sw_unit])
-            else:
-                if self.modifier_rank is not None:
+                else:
                     lo, hi, _ = _shard_bounds(p.data.numel(), group.size, group.rank)
                     p._sw_init_shard.copy_(p.data.reshape(-1)[lo:hi])
+        released: list = []
+        for p in self.params:
+            if hasattr(p, "_sw_unit"):
+                if p._sw_unit not in released:
+                    released.append(p._sw_unit)
+                    p._sw_strategy.release([p._sw_unit])
+            else:
                 p.data = torch.empty(0, dtype=p.data.dtype, device=p.data.device)
 
 

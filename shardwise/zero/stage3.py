@@ -25,6 +25,7 @@ from shardwise.zero import hooks
 from shardwise.zero.flat_buffer import master_dtype
 from shardwise.zero.flat_optimizer import FlatOptimizer
 from shardwise.zero.fragments import Fragment, optimizer_state_slices
+from shardwise.zero.init_context import full_shape
 from shardwise.zero.layout import build_layout
 from shardwise.zero.policy import ZeroPolicy
 from shardwise.zero.prefetch import FetchTrace
@@ -101,7 +102,7 @@ class Stage3Strategy:
         group_of = {id(p): gi for gi, g in enumerate(basic.param_groups) for p in g["params"]}
         self.units: list[ParamUnit] = []
         for mname, suffix, params, key in _unit_params(module, group_of):
-            layout = build_layout([p.numel() for p in params], sys.maxsize, world)
+            layout = build_layout([full_shape(p).numel() for p in params], sys.maxsize, world)
             name = f"{mname or '<root>'}:{suffix}"
             self.units.append(ParamUnit(len(self.units), name, params, layout, key is not None, shard_comm,
                                         False, key))

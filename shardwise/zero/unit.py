@@ -41,7 +41,7 @@ class ParamUnit:
         self.comm = shard_comm
         self.persistent = persistent
         self.group_index = group_index  # optimizer group (None for frozen units)
-        self.shapes = [p.shape for p in params]
+        self.shapes = [getattr(p, "_sw_init_shape", p.shape) for p in params]
         self.dtype = params[0].dtype
         self.device = params[0].device
         self.shard: torch.Tensor | None = None  # set by the strategy: a view into the group's shard buffer
