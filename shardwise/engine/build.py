@@ -120,6 +120,11 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
         offload_optimizer=zc.offload_optimizer_device != "none",
         pin_memory=bool(zc.offload_optimizer and zc.offload_optimizer.pin_memory),
     )
+    if zc.stage < 3 and zc.offload_optimizer_device == "nvme":
+        raise EngineBuildError(
+            "zero_optimization.offload_optimizer.device 'nvme' needs ZeRO stage 3 (as in DeepSpeed); use device "
+            "'cpu' with stages 1-2, or set zero_optimization.stage to 3"
+        )
     if zc.stage == 3:
         return Stage3Strategy(module, basic, policy, topology.zero_group, _shard_comm(zc, topology), zc, explicit)
     return FlatStrategy(module, basic, policy, topology.zero_group)

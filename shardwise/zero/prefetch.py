@@ -66,6 +66,18 @@ class FetchTrace:
             budget += unit.numel
         return out
 
+    def lookahead(self, count: int) -> list[Any]:
+        """The next ``count`` distinct units of the trace (for disk read-ahead, further out than gathers)."""
+        if not self._valid:
+            return []
+        out: list[Any] = []
+        for unit in self.recorded[self._cursor :]:
+            if unit not in out:
+                out.append(unit)
+                if len(out) >= count:
+                    break
+        return out
+
     def needed_soon(self, unit: Any) -> bool:
         """Whether ``unit`` is fetched again within ``reuse_distance`` elements of other fetches."""
         if not self._valid or self.reuse_distance <= 0:

@@ -14,6 +14,7 @@ import contextlib
 import sys
 from collections import deque
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import torch
@@ -27,31 +28,41 @@ from shardwise.zero.flat_optimizer import FlatOptimizer
 from shardwise.zero.fragments import Fragment, optimizer_state_slices
 from shardwise.zero.init_context import full_shape
 from shardwise.zero.layout import build_layout
+from shardwise.zero.optimizer_offload import SwappedAdam
+from shardwise.zero.param_offload import make_store
 from shardwise.zero.policy import ZeroPolicy
 from shardwise.zero.prefetch import FetchTrace
 from shardwise.zero.unit import ParamUnit, UnitState
 
 
 class Stage3Group:
-    """One optimizer group's shards (model dtype), reduced gradient shards and fp32 master, units back to back."""
+    """One optimizer group's shards (model dtype, in a ``param_offload`` store), reduced gradient shards and fp32
+    master, units back to back."""
 
-    def __init__(self, units: list[ParamUnit], grad_dtype: torch.dtype | None) -> None:
+    def __init__(self, units: list[ParamUnit], grad_dtype: torch.dtype | None, store_factory: Any) -> None:
         self.units = units
         self.dtype, self.device = units[0].dtype, units[0].device
         total = sum(u.shard_numel for u in units)
-        self.shards = torch.zeros(total, dtype=self.dtype, device=self.device)
+        self.store = store_factory(total, self.dtype)
         self.part_grad = torch.zeros(total, dtype=grad_dtype, device=self.device) if grad_dtype else None
         self.full_grad = None
         self.master: torch.Tensor | None = None
         offset = 0
         for u in units:
-            u.shard = self.shards[offset : offset + u.shard_numel]
+            u.store = self.store
             u.shard_offset = offset
             offset += u.shard_numel
+        self.total = total
+
+    @property
+    def shards(self) -> torch.Tensor | None:
+        """All shards of the group (None when they live in a file)."""
+        return self.store.view(0, self.total)
 
     def allocate_master(self, device: torch.device, pin: bool = False) -> None:
         """fp32 master weights of this rank's shards."""
-        master = self.shards.detach().to(device=device, dtype=master_dtype(self.dtype), copy=True)
+        values = self.store.fetch(0, self.total)
+        master = values.detach().to(device=device, dtype=master_dtype(self.dtype), copy=True)
         if pin and device.type == "cpu":
             from shardwise.accelerator import get_accelerator
 
@@ -61,11 +72,11 @@ class Stage3Group:
     @torch.no_grad()
     def publish_master(self, comm_group: Any, handles: list, max_inflight: int) -> None:
         """Updated masters -> shards; persistent units re-gather now, the others on their next fetch."""
-        self.shards.copy_(self.master.to(device=self.device, dtype=self.dtype, non_blocking=True))
+        self.store.write(0, self.master.to(device=self.device, dtype=self.dtype, non_blocking=True))
         for u in self.units:
             u.comm.invalidate(u.cache)
             if u.state is UnitState.GATHERED:
-                handles.append(u.comm.gather(u.full, u.shard, u.cache, async_op=True))
+                handles.append(u.refresh())
 
     def numel(self) -> int:
         """Parameter elements of the group (padding excluded)."""
@@ -108,17 +119,32 @@ class Stage3Strategy:
                                         False, key))
         self.param_unit = {id(p): u for u in self.units for p in u.params}
         self._choose_persistent(zero_config)
+        self._io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shardwise-nvme")
+        offload = zero_config.offload_param
+
+        def store_factory(name: str) -> Any:
+            return lambda numel, dtype: make_store(numel, dtype, self.units[0].device, offload, name, self._io_pool)
+
         self.groups: list[Stage3Group | None] = []
         for gi in range(len(basic.param_groups)):
             members = [u for u in self.units if u.group_index == gi]
-            self.groups.append(Stage3Group(members, policy.grad_dtype) if members else None)
+            group = Stage3Group(members, policy.grad_dtype, store_factory(f"group{gi}")) if members else None
+            self.groups.append(group)
         frozen = [u for u in self.units if u.group_index is None]
-        self.frozen_group = Stage3Group(frozen, None) if frozen else None
+        self.frozen_group = Stage3Group(frozen, None, store_factory("frozen")) if frozen else None
+        self.readahead = int(getattr(offload, "buffer_count", 0) or 0) if offload is not None else 0
         self._materialize_shards()
         for g in self.groups:
             if g is not None:
                 g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory)
-        self.optimizer = FlatOptimizer(basic, self.groups, policy, group)
+        oo = zero_config.offload_optimizer
+        if oo is not None and oo.device == "nvme":
+            if not oo.nvme_path:
+                raise ValueError("zero_optimization.offload_optimizer.device is 'nvme' but nvme_path is not set")
+            self.optimizer = SwappedAdam(basic, self.groups, policy, group, oo.nvme_path,
+                                         int(zero_config.sub_group_size), self._io_pool)
+        else:
+            self.optimizer = FlatOptimizer(basic, self.groups, policy, group)
         prefetch = int(zero_config.stage3_prefetch_bucket_size)
         reuse = int(zero_config.stage3_max_reuse_distance) if "stage3_max_reuse_distance" in explicit else prefetch
         self.trace = FetchTrace(prefetch, int(zero_config.stage3_max_live_parameters), reuse)
@@ -174,7 +200,7 @@ class Stage3Strategy:
                 u.materialize_full(full)
             else:
                 lo, hi = u.shard_range
-                u.shard.copy_(full[lo:hi])
+                u.store.write(u.shard_offset, full[lo:hi])
                 for p, empty in zip(u.params, u._empty):
                     p.data = empty
             for p in u.params:
@@ -198,6 +224,9 @@ class Stage3Strategy:
             for v in self.trace.upcoming(live, lambda x: x.state is not UnitState.SHARDED):
                 v.gather(async_op=True)
                 self._live.add(v)
+            if self.readahead:  # NVMe: start reading the shards of the next units from disk
+                for v in self.trace.lookahead(self.readahead):
+                    v.prefetch_shard()
         for u in units:
             u.gather(async_op=False)
             self._live.add(u)
@@ -356,11 +385,15 @@ class Stage3Strategy:
         off = u.shard_offset + (start - lo)
         n = end - start
         if u.group_index is None:
-            model = self.frozen_group.shards[off : off + n]
+            model = self.frozen_group.store.view(off, n)
             return [Fragment(start - slot.offset, end - slot.offset, None, model, None, {})]
         g = self.groups[u.group_index]
-        state = optimizer_state_slices(self.optimizer.basic.state.get(g.master, {}), off, n, g.master.numel())
-        return [Fragment(start - slot.offset, end - slot.offset, g.master[off : off + n], g.shards[off : off + n],
+        if isinstance(self.optimizer, SwappedAdam):
+            master, state = self.optimizer.state_for(u.group_index, off, n)
+        else:
+            master = g.master[off : off + n]
+            state = optimizer_state_slices(self.optimizer.basic.state.get(g.master, {}), off, n, g.master.numel())
+        return [Fragment(start - slot.offset, end - slot.offset, master, g.store.view(off, n),
                          g.part_grad[off : off + n], state)]
 
     def memory_breakdown(self) -> dict[str, int]:
@@ -369,9 +402,9 @@ class Stage3Strategy:
             return 0 if t is None else t.numel() * t.element_size()
 
         groups = [g for g in self.groups if g is not None] + ([self.frozen_group] if self.frozen_group else [])
-        params = sum(size(g.shards) for g in groups) + sum(size(u.full) for u in self.units if u.persistent)
+        params = sum(g.store.resident_bytes for g in groups) + sum(size(u.full) for u in self.units if u.persistent)
         grads = sum(size(g.part_grad) for g in groups)
-        master = sum(size(g.master) for g in groups)
+        master = sum(size(g.master) for g in groups)  # 0 with NVMe optimizer offload (masters on disk)
         state = sum(size(v) for st in self.optimizer.basic.state.values() for v in st.values()
                     if torch.is_tensor(v) and v.numel() > 1)
         return {"parameters": params, "gradients": grads, "master_weights": master, "optimizer_states": state}

@@ -44,13 +44,14 @@ class ParamUnit:
         self.shapes = [getattr(p, "_sw_init_shape", p.shape) for p in params]
         self.dtype = params[0].dtype
         self.device = params[0].device
-        self.shard: torch.Tensor | None = None  # set by the strategy: a view into the group's shard buffer
+        self.store: Any = None  # set by the strategy: the group's shard store (param_offload.py)
         self.shard_offset = 0  # where the shard sits in the group's buffers
         self.full: torch.Tensor | None = None
         self.grad_full: torch.Tensor | None = None
         self.state = UnitState.SHARDED
         self.cache: dict[str, Any] = {}  # hpZ secondary partition
         self._handle: Any = None
+        self._source: torch.Tensor | None = None  # the shard being sent by an in-flight gather
         self._empty = [torch.empty(0, dtype=p.dtype, device=p.device) for p in params]
         self.pending_grads = 0
 
@@ -66,6 +67,16 @@ class ParamUnit:
         return self.layout.total // self.comm.world
 
     @property
+    def shard(self) -> torch.Tensor | None:
+        """This rank's shard in memory (None when it lives in a file)."""
+        return self.store.view(self.shard_offset, self.shard_numel)
+
+    def prefetch_shard(self) -> None:
+        """Start reading the shard from its store ahead of the gather (NVMe offload)."""
+        if self.state is UnitState.SHARDED:
+            self.store.prefetch(self.shard_offset, self.shard_numel)
+
+    @property
     def shard_range(self) -> tuple[int, int]:
         """This rank's chunk of the flat unit."""
         lo = self.comm.shard_index * self.shard_numel
@@ -76,7 +87,8 @@ class ParamUnit:
         """Start (or, with ``async_op=False``, complete) the all-gather of the full parameters."""
         if self.state is UnitState.SHARDED:
             self.full = torch.empty(self.layout.total, dtype=self.dtype, device=self.device)
-            self._handle = self.comm.gather(self.full, self.shard, self.cache, async_op=True)
+            self._source = self.store.fetch(self.shard_offset, self.shard_numel)
+            self._handle = self.comm.gather(self.full, self._source, self.cache, async_op=True)
             self.state = UnitState.GATHERING
         if not async_op:
             self.wait()
@@ -86,7 +98,7 @@ class ParamUnit:
         if self.state is not UnitState.GATHERING:
             return
         self._handle.wait()
-        self._handle = None
+        self._handle = self._source = None
         for slot, p in zip(self.layout.slots, self.params):
             p.data = self.full[slot.offset : slot.offset + slot.numel].view(self.shapes[slot.index])
         self.state = UnitState.GATHERED
@@ -101,11 +113,16 @@ class ParamUnit:
         self.full = None
         self.state = UnitState.SHARDED
 
+    def refresh(self) -> Any:
+        """Re-gather a resident (persistent) unit after its shards changed; returns the collective's handle."""
+        self._source = self.store.fetch(self.shard_offset, self.shard_numel)
+        return self.comm.gather(self.full, self._source, self.cache, async_op=True)
+
     def materialize_full(self, values: torch.Tensor) -> None:
         """Become GATHERED from known full values (build time, persistent units); keeps this rank's shard in sync."""
         self.full = values
         lo, hi = self.shard_range
-        self.shard.copy_(values[lo:hi])
+        self.store.write(self.shard_offset, values[lo:hi])
         self.state = UnitState.GATHERING
         self._handle = _Done()
         self.wait()
