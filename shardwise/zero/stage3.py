@@ -83,22 +83,46 @@ class Stage3Group:
         return sum(u.numel for u in self.units)
 
 
-def _unit_params(module: nn.Module, group_of: dict[int, int]) -> list[tuple[str, str, list[nn.Parameter], int | None]]:
-    """(module name, unit suffix, params, optimizer group or None) for every module's direct parameters."""
+def _subtree_numel(m: nn.Module) -> int:
+    return sum(full_shape(p).numel() for p in m.parameters())
+
+
+def _unit_params(module: nn.Module, group_of: dict[int, int], granularity: int
+                 ) -> list[tuple[str, nn.Module, str, list[nn.Parameter], int | None]]:
+    """(root name, root module, suffix, params, optimizer group or None) of every unit.
+
+    A module whose whole subtree holds at most ``granularity`` elements is fetched as one unit (its root); above
+    that, a module's own parameters form its units and its children are visited. One all-gather per transformer
+    block instead of one per Linear/LayerNorm: far fewer, larger collectives.
+    """
     seen: set[int] = set()
     out = []
-    for mname, m in module.named_modules():
+
+    def visit(name: str, m: nn.Module) -> None:
+        integral = _subtree_numel(m) <= granularity
         buckets: dict[Any, list[nn.Parameter]] = {}
-        for p in m.parameters(recurse=False):
+        for p in (m.parameters() if integral else m.parameters(recurse=False)):
             if id(p) in seen:
                 continue
             seen.add(id(p))
             key = group_of.get(id(p)) if p.requires_grad else None
             buckets.setdefault(key, []).append(p)
         for key, params in buckets.items():
-            suffix = "frozen" if key is None else f"group{key}"
-            out.append((mname, suffix, params, key))
+            out.append((name, m, "frozen" if key is None else f"group{key}", params, key))
+        if not integral:
+            for child_name, child in m.named_children():
+                visit(f"{name}.{child_name}" if name else child_name, child)
+
+    visit("", module)
     return out
+
+
+def auto_granularity(model_numel: int, configured: int, explicit: bool) -> int:
+    """Elements below which a module subtree is one unit: the config's value if set, else ~1/16 of the model
+    (at least 1M elements), which makes each transformer block of a typical LLM one unit, as FSDP wraps them."""
+    if explicit:
+        return int(configured)
+    return max(1_000_000, model_numel // 16)
 
 
 class Stage3Strategy:
@@ -111,12 +135,18 @@ class Stage3Strategy:
         self.shard_comm = shard_comm
         world = shard_comm.world
         group_of = {id(p): gi for gi, g in enumerate(basic.param_groups) for p in g["params"]}
+        granularity = auto_granularity(_subtree_numel(module), zero_config.stage3_module_granularity_threshold,
+                                       "stage3_module_granularity_threshold" in explicit)
         self.units: list[ParamUnit] = []
-        for mname, suffix, params, key in _unit_params(module, group_of):
+        owned: dict[nn.Module, list[ParamUnit]] = {}
+        self._unit_root: dict[int, str] = {}
+        for mname, root, suffix, params, key in _unit_params(module, group_of, granularity):
             layout = build_layout([full_shape(p).numel() for p in params], sys.maxsize, world)
-            name = f"{mname or '<root>'}:{suffix}"
-            self.units.append(ParamUnit(len(self.units), name, params, layout, key is not None, shard_comm,
-                                        False, key))
+            unit = ParamUnit(len(self.units), f"{mname or '<root>'}:{suffix}", params, layout, key is not None,
+                             shard_comm, False, key)
+            self.units.append(unit)
+            owned.setdefault(root, []).append(unit)
+            self._unit_root[unit.uid] = mname
         self.param_unit = {id(p): u for u in self.units for p in u.params}
         self._choose_persistent(zero_config)
         self._io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shardwise-nvme")
@@ -149,10 +179,10 @@ class Stage3Strategy:
         reuse = int(zero_config.stage3_max_reuse_distance) if "stage3_max_reuse_distance" in explicit else prefetch
         self.trace = FetchTrace(prefetch, int(zero_config.stage3_max_live_parameters), reuse)
         self.module_units: dict[nn.Module, list[ParamUnit]] = {}
-        for m in module.modules():
-            units = self._direct_units(m)
+        for name, m in module.named_modules():
+            units = list(owned.get(m, [])) + [u for u in self._direct_units(m) if not self._inside(name, u)]
             if units:
-                self.module_units[m] = units
+                self.module_units[m] = list(dict.fromkeys(units))
         self._live: set[ParamUnit] = {u for u in self.units if u.state is not UnitState.SHARDED}
         self._inflight: deque = deque()
         self._fresh = True
@@ -172,6 +202,11 @@ class Stage3Strategy:
             if u.numel < threshold and used + u.numel <= budget:
                 u.persistent = True
                 used += u.numel
+
+    def _inside(self, module_name: str, unit: ParamUnit) -> bool:
+        """Whether ``module_name`` lies in the subtree that fetches ``unit`` (its root or a descendant)."""
+        root = self._unit_root[unit.uid]
+        return root == "" or module_name == root or module_name.startswith(root + ".")
 
     def _direct_units(self, m: nn.Module) -> list[ParamUnit]:
         units: list[ParamUnit] = []

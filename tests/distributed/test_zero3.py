@@ -35,7 +35,8 @@ def _cfg(gas: int, **zero) -> dict:
         "gradient_accumulation_steps": gas,
         "gradient_clipping": CLIP,
         "optimizer": {"type": "Adam", "params": ADAM},
-        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, **zero},
+        "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                              "stage3_module_granularity_threshold": 0, **zero},
     }
 
 
@@ -87,3 +88,9 @@ def _check(results: list, dp: int, gas: int, kind: str) -> None:
 def test_zero3_matches_reference(kind: str, dp: int, gas: int) -> None:
     results = run_ranks(_train, _cfg(gas), gas, kind, world_size=dp)
     _check(results, dp, gas, kind)
+
+
+def test_zero3_block_granularity_matches_reference() -> None:
+    """With a granularity threshold above one block's size, each transformer block is fetched as one unit."""
+    results = run_ranks(_train, _cfg(1, stage3_module_granularity_threshold=20_000), 1, "gpt", world_size=2)
+    _check(results, 2, 1, "gpt")

@@ -77,7 +77,7 @@ def _reference(dp: int) -> tuple[list[float], dict[str, torch.Tensor]]:
 def _train(zero: dict, explicit: bool = False, **cfg_extra) -> tuple[list[float], dict[str, torch.Tensor], dict]:
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.1,
            "optimizer": {"type": "AdamW", "params": {"lr": 1e-2, "weight_decay": 0.01}},
-           "zero_optimization": {"stage": 3, **zero}, **cfg_extra}
+           "zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 0, **zero}, **cfg_extra}
     model = _model(explicit)
     engine, _, _, _ = shardwise.initialize(model=model, config=cfg,
                                            model_parameters=[p for p in model.parameters() if p.requires_grad])

@@ -47,7 +47,8 @@ def _train_from_init(steps: int) -> tuple[list[float], dict[str, torch.Tensor]]:
         model = tiny_mlp(seed=0)
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 0.05,
            "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "weight_decay": 0.01}},
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                 "stage3_module_granularity_threshold": 0}}
     engine, _, _, _ = shardwise.initialize(model=model, config=cfg)
     losses = []
     for step in range(steps):
@@ -75,7 +76,8 @@ def test_model_built_in_init_trains_like_the_reference() -> None:
 def _modify_on_rank0() -> dict[str, torch.Tensor]:
     cfg = {"train_micro_batch_size_per_gpu": 4,
            "optimizer": {"type": "SGD", "params": {"lr": 0.1}},
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                 "stage3_module_granularity_threshold": 0}}
     engine, _, _, _ = shardwise.initialize(model=tiny_mlp(seed=0), config=cfg)
     first = engine.module[0]
     with GatheredParameters([first.weight, first.bias], modifier_rank=0):

@@ -38,7 +38,7 @@ WIDTH, LAYERS = 512, 16  # 4.2M parameters: 16.8 MB in fp32
 def _resident_after_steps(path: str | None) -> dict[str, float]:
     torch.manual_seed(0)
     model = nn.Sequential(*[nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh()) for _ in range(LAYERS)])
-    zero: dict = {"stage": 3, "stage3_param_persistence_threshold": 0}
+    zero: dict = {"stage": 3, "stage3_param_persistence_threshold": 0, "stage3_module_granularity_threshold": 0}
     if path:
         zero.update(offload_param={"device": "nvme", "nvme_path": path},
                     offload_optimizer={"device": "nvme", "nvme_path": path}, sub_group_size=1 << 18)

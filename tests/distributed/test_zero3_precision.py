@@ -19,7 +19,8 @@ ADAM = {"lr": 3e-3, "weight_decay": 0.0}
 def _train(precision: str, steps: int, inject_at: int = -1, hysteresis: int = 1) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
            "optimizer": {"type": "Adam", "params": ADAM},
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                 "stage3_module_granularity_threshold": 0}}
     if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     if precision == "fp16":

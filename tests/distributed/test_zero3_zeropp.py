@@ -25,7 +25,8 @@ CROSS_NODE_GROUPS = {"dp+sp", "hpz-inter", "world"}  # groups whose members sit 
 def _train(zero: dict, steps: int = STEPS, float64: bool = False) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
            "optimizer": {"type": "Adam", "params": ADAM},
-           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0, **zero}}
+           "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0,
+                                 "stage3_module_granularity_threshold": 0, **zero}}
     model = tiny_transformer(seed=0)
     engine, _, _, _ = shardwise.initialize(model=model.double() if float64 else model, config=cfg)
     rank = engine.topology.coord("dp")
