@@ -73,6 +73,20 @@ class Topology:
             self._groups[key] = self._make(key, chunks)
         return self._groups[key]
 
+    def custom_group(self, name: str, families: list[tuple[int, ...]]) -> Group:
+        """Groups of arbitrary ranks (e.g. pipeline stages sharing a tied weight), created collectively.
+
+        ``families`` lists disjoint rank tuples; every rank must pass the same list. A rank in no family gets a
+        group of its own (no torch group, collectives over it return at once).
+        """
+        if name not in self._groups:
+            covered = {r for f in families for r in f}
+            if len(covered) != sum(len(f) for f in families):
+                raise ValueError(f"custom group {name!r}: families overlap: {families}")
+            rest = [(r,) for r in range(self.world_size) if r not in covered]
+            self._groups[name] = self._make(name, [tuple(f) for f in families] + rest)
+        return self._groups[name]
+
     def strided_subgroup(self, name: str, parent: str, size: int) -> Group:
         """Members of each ``parent`` group that sit at the same position of every chunk of ``size`` ranks.
 

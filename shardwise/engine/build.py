@@ -38,8 +38,8 @@ class EngineBuildError(ValueError):
 
 def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimizer: Any = None,
                  model_parameters: Iterable | None = None, lr_scheduler: Any = None, training_data: Any = None,
-                 collate_fn: Callable | None = None) -> Engine:
-    """Assemble an ``Engine`` (see the module docstring for the order)."""
+                 collate_fn: Callable | None = None, engine_cls: type[Engine] = Engine) -> Engine:
+    """Assemble an ``Engine`` (or ``engine_cls``, e.g. the pipeline engine; see the module docstring)."""
     _cast_and_place(module, model_dtype(config))
     basic = _build_basic_optimizer(module, config, optimizer, model_parameters)
     strategy = _build_strategy(module, config, topology, basic) if basic is not None else None
@@ -49,7 +49,7 @@ def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimize
     if training_data is not None:
         loader = build_dataloader(training_data, config.train_micro_batch_size_per_gpu, topology.size("dp"),
                                   topology.coord("dp"), collate_fn=collate_fn, drop_last=config.dataloader_drop_last)
-    engine = Engine(module=module, config=config, topology=topology, strategy=strategy, scaler=make_scaler(config),
+    engine = engine_cls(module=module, config=config, topology=topology, strategy=strategy, scaler=make_scaler(config),
                     lr_scheduler=scheduler, training_dataloader=loader)
     _log_build(engine)
     return engine

@@ -262,18 +262,26 @@ class Engine(nn.Module):
     def _global_norm(self) -> float:
         """Norm of the summed (still scaled) gradients over every rank of the grid.
 
-        Each rank contributes the squared norm of the gradients it owns; weights replicated across tensor-parallel
-        ranks (norms, row-parallel biases: those without ``tensor_model_parallel``) are counted on tensor rank 0 only,
-        then one all-reduce sums over the ZeRO group (if partitioned) and one over the model-parallel (pp x tp) group.
+        Each rank contributes the squared norm of the gradients it owns, minus those of ``_norm_excluded_params()``
+        (copies counted elsewhere); then one all-reduce sums over the ZeRO group (if partitioned) and one over the
+        model-parallel (pp x tp) group.
         """
         norm_sq = self.strategy.local_grad_norm_sq().to(torch.float64)
-        if self.topology.size("tp") > 1 and self.topology.coord("tp") > 0:
-            norm_sq = norm_sq - model_parallel.replicated_norm_sq(self.strategy, self.module).to(torch.float64)
+        excluded = self._norm_excluded_params()
+        if excluded:
+            norm_sq = norm_sq - model_parallel.grad_norm_sq(self.strategy, excluded)
         if self.strategy.norm_is_partitioned:
             comm.all_reduce(norm_sq, group=self.topology.zero_group)
         comm.all_reduce(norm_sq, group=self.topology.model_parallel_group)
         value = norm_sq.item()
         return math.sqrt(max(value, 0.0)) if math.isfinite(value) else float("nan")
+
+    def _norm_excluded_params(self) -> list[nn.Parameter]:
+        """Parameters whose gradients this rank must not count in the global norm: on tensor-parallel ranks other
+        than 0, the weights replicated across the tensor group (no ``tensor_model_parallel`` attribute)."""
+        if self.topology.size("tp") > 1 and self.topology.coord("tp") > 0:
+            return model_parallel.replicated_params(self.module)
+        return []
 
     # -- checkpoints (the format and its rules live in shardwise/checkpoint/) -------------------------------------
     def save_checkpoint(self, save_dir: str, tag: str | None = None, client_state: dict | None = None,

@@ -1,10 +1,14 @@
 """Mixed precision: which dtype the model runs in, and fp16 loss scaling.
 
-``DynamicLossScaler`` follows DeepSpeed's semantics (``fp16.loss_scale == 0``): start at
+``DynamicLossScaler`` follows DeepSpeed 0.19's semantics (``fp16.loss_scale == 0``): start at
 ``2**initial_scale_power``; on an overflowed step, if hysteresis is exhausted halve the scale (never below
-``min_loss_scale``), otherwise spend one unit of hysteresis; after ``loss_scale_window`` clean steps since the last
-overflow double it (and refill hysteresis). ``consecutive_hysteresis`` refills hysteresis after every clean step.
-A non-zero ``loss_scale`` is a static scale. BF16 uses no scaling (scale 1), as DeepSpeed.
+``min_loss_scale``), otherwise spend one unit of hysteresis; once ``loss_scale_window`` clean steps have passed
+since the last overflow (DeepSpeed counts the step after the overflow as the start: the scale doubles at the
+``loss_scale_window + 1``-th clean step, and every ``loss_scale_window`` steps after that) double it and refill
+hysteresis. ``consecutive_hysteresis`` refills hysteresis after every clean step. An overflow with hysteresis
+exhausted while the scale is already at ``min_loss_scale`` raises ``LossScaleError``, as DeepSpeed does ("cannot
+decrease scale anymore"): training cannot make progress from there. A non-zero ``loss_scale`` is a static scale.
+BF16 uses no scaling (scale 1), as DeepSpeed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,10 @@ def model_dtype(config: Any) -> torch.dtype:
     return torch.float32
 
 
+class LossScaleError(RuntimeError):
+    """fp16 gradients still overflow at the minimum loss scale: the run cannot continue."""
+
+
 @dataclass
 class DynamicLossScaler:
     """fp16 loss scale with overflow back-off, hysteresis and periodic growth."""
@@ -35,6 +43,7 @@ class DynamicLossScaler:
     consecutive_hysteresis: bool = False
     factor: float = 2.0
     dynamic: bool = True
+    raise_at_min_scale: bool = True
 
     def __post_init__(self) -> None:
         self._hysteresis_left = self.hysteresis
@@ -60,6 +69,13 @@ class DynamicLossScaler:
             return
         if overflow:
             if self.hysteresis == 1 or self._hysteresis_left <= 1:
+                if self.scale <= self.min_scale and self.raise_at_min_scale:
+                    raise LossScaleError(
+                        f"fp16 gradients overflowed at the minimum loss scale ({self.min_scale:g}) after "
+                        f"{self.overflows} overflow(s) in {self._iteration + 1} steps: the model produces inf/nan "
+                        "gradients at any scale. Lower the learning rate, check the data and the loss for inf/nan, "
+                        "lower fp16.min_loss_scale, or train in bf16"
+                    )
                 self.scale = max(self.scale / self.factor, self.min_scale)
             else:
                 self._hysteresis_left -= 1
@@ -67,7 +83,8 @@ class DynamicLossScaler:
         else:
             if self.consecutive_hysteresis:
                 self._hysteresis_left = self.hysteresis
-            if (self._iteration - self._last_overflow) % self.window == 0:
+            stable = self._iteration - self._last_overflow - 1  # clean steps before this one since the overflow
+            if stable > 0 and stable % self.window == 0:
                 if not self.consecutive_hysteresis:
                     self._hysteresis_left = self.hysteresis
                 self.scale *= self.factor

@@ -128,6 +128,17 @@ class FlatStrategy:
             self._managed = {id(p): (g, i) for g in self.optimizer.live_groups for i, p in enumerate(g.params)}
         return self._managed
 
+    def accumulated_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """``param``'s local, not yet reduced gradient (a view of the full buffer; stages 0 and 1 only)."""
+        found = self.managed().get(id(param))
+        if found is None:
+            raise KeyError(f"parameter of shape {tuple(param.shape)} is not managed by this strategy")
+        g, i = found
+        if g.full_grad is None:
+            raise RuntimeError(f"{self.name} keeps no full gradient buffer (ZeRO stage 2 partitions gradients during "
+                               "backward); local gradients exist only with stages 0 and 1")
+        return g.param_view(g.full_grad, i)
+
     def fragments(self, param: nn.Parameter) -> list[Fragment]:
         """This rank's pieces of ``param``'s master values, gradient and optimizer state (empty if unmanaged)."""
         found = self.managed().get(id(param))

@@ -1,0 +1,19 @@
+"""DeepSpeed's ``deepspeed.runtime`` package path: thin aliases of shardwise modules that user code imports by
+their DeepSpeed names (e.g. ``deepspeed.runtime.activation_checkpointing.checkpointing``). Subpackages load on
+first attribute access, so ``deepspeed.runtime.X.Y`` resolves without explicit imports."""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+
+def __getattr__(name: str) -> Any:
+    try:
+        module = importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__name__}.{name}":
+            raise
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}") from None
+    globals()[name] = module
+    return module

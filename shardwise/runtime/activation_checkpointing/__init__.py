@@ -1,0 +1,3 @@
+"""``deepspeed.runtime.activation_checkpointing``: see ``shardwise.activation_checkpointing``."""
+
+from shardwise.runtime.activation_checkpointing import checkpointing  # noqa: F401 - DeepSpeed's attribute path
