@@ -63,6 +63,8 @@ def initialize(
     engine = build_engine(module=model, config=cfg, topology=topology, optimizer=optimizer,
                           model_parameters=model_parameters, lr_scheduler=lr_scheduler, training_data=training_data,
                           collate_fn=collate_fn)
+    if mpu is not None:
+        engine.mpu = mpu
     return engine, engine.optimizer, engine.training_dataloader, engine.lr_scheduler
 
 

@@ -64,9 +64,9 @@ class ActivationCheckpointingConfig(Section):
     partition_activations: Bool = False
     """Split checkpointed activations across tensor-parallel ranks."""
     cpu_checkpointing: Bool = False
-    """Move checkpointed activations to CPU memory (needs partition_activations)."""
+    """Keep checkpointed activations in host (CPU) memory until recomputation."""
     contiguous_memory_optimization: Bool = False
-    """Copy checkpointed activations into one contiguous buffer."""
+    """Copy partitioned checkpointed activations into preallocated contiguous buffers (needs partition_activations)."""
     number_checkpoints: PosInt | None = None
     """Number of checkpoints the contiguous buffer is sized for."""
     synchronize_checkpoint_boundary: Bool = False

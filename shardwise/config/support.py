@@ -157,7 +157,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.zero_quantized_weights", S, note="ZeRO++ qwZ"),  # zero/stage3.py
     Feature("zero_optimization.zero_quantized_gradients", S, note="ZeRO++ qgZ"),  # zero/stage2-3
     Feature("zero_optimization.stage3_gather_16bit_weights_on_model_save", S),  # save_16bit_model
-    Feature("pipeline", S, note="PipelineModule + 1F1B schedule"),  # pipe/
+    Feature("pipeline", S,  # pipe/
+            note="PipelineModule; 1F1B and interleaved 1F1B (virtual_stages); pipe/grad_partitioned; ZeRO-0/1 only"),
     Feature("activation_checkpointing", S),  # activation_checkpointing.py
     Feature("comms_logger", S),  # comm/
     Feature("csv_monitor", S),  # utils/ monitors
@@ -169,6 +170,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("scheduler.type", N, KNOWN_SCHEDULER, _SCHEDULERS),  # engine/lr_schedules.py
     Feature("checkpoint.tag_validation", S),  # checkpoint/engine.py
     Feature("checkpoint.async_save", S, note="shardwise's own key"),  # checkpoint/engine.py
+    Feature("checkpoint.load_universal", S,  # checkpoint/files.py: every checkpoint loads at any layout
+            note="every shardwise checkpoint is universal; the tag comes from latest_universal, else latest"),
     Feature("dataloader_drop_last", S),  # engine/dataloader.py
     Feature("sequence_parallel_size", S, note="Ulysses"),  # sp/ + comm/topology.py
     Feature("data_parallel_size", S),  # comm/topology.py
@@ -260,7 +263,6 @@ FEATURES: tuple[Feature, ...] = (
     Feature("tensor_parallel.autotp_size", N, TP_OFF, "AutoTP training; use shardwise.tp plans"),  # tp/
     Feature("tensor_parallel.tp.tp_size", N, TP_OFF, "AutoTP training; use shardwise.tp plans"),  # tp/
     Feature("tensor_parallel.replace_with_kernel_inject", N, OFF, "DeepSpeed inference kernels"),  # inference
-    Feature("checkpoint.load_universal", N, OFF, "shardwise checkpoints already reshard on load"),  # checkpoint/
     Feature("checkpoint.use_node_local_storage", N, OFF, "save to shared storage"),  # checkpoint/
     # --- removed by DeepSpeed 0.19.8 itself ---------------------------------------------------------------
     Feature("compression_training", R, INACTIVE, _COMPRESSION),  # XTC, ZeroQuant

@@ -49,10 +49,23 @@ def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimize
     if training_data is not None:
         loader = build_dataloader(training_data, config.train_micro_batch_size_per_gpu, topology.size("dp"),
                                   topology.coord("dp"), collate_fn=collate_fn, drop_last=config.dataloader_drop_last)
+    _configure_activation_checkpointing(config, topology)
     engine = engine_cls(module=module, config=config, topology=topology, strategy=strategy, scaler=make_scaler(config),
                     lr_scheduler=scheduler, training_dataloader=loader)
     _log_build(engine)
     return engine
+
+
+def _configure_activation_checkpointing(config: Any, topology: Topology) -> None:
+    """An ``activation_checkpointing`` section applies to ``shardwise.checkpointing`` unless the script already
+    called ``checkpointing.configure`` itself (DeepSpeed scripts usually do, with their mpu)."""
+    if "activation_checkpointing" not in config.raw:
+        return
+    from shardwise import activation_checkpointing as ac
+    from shardwise.tp.mpu import ModelParallelUnit
+
+    if not ac.is_configured():
+        ac.configure(ModelParallelUnit(topology), deepspeed_config=config)
 
 
 def _cast_and_place(module: nn.Module, dtype: torch.dtype) -> None:

@@ -100,6 +100,19 @@ class Engine(nn.Module):
         return self._config.wall_clock_breakdown
 
     @property
+    def mpu(self) -> Any:
+        """The model-parallel unit: the one passed to ``initialize(mpu=...)``, else one answering for this grid."""
+        if getattr(self, "_mpu", None) is None:
+            from shardwise.tp.mpu import ModelParallelUnit
+
+            self._mpu = ModelParallelUnit(self.topology)
+        return self._mpu
+
+    @mpu.setter
+    def mpu(self, value: Any) -> None:
+        self._mpu = value
+
+    @property
     def local_rank(self) -> int:
         """Rank of this process on its node."""
         return comm.get_local_rank()

@@ -1,0 +1,160 @@
+"""Where a checkpoint keeps its inputs until recomputation: as they are, partitioned over the tensor group, on
+the host, and/or in preallocated contiguous buffers.
+
+A ``Stash`` is made in the checkpoint's forward from the function's arguments and turned back into them in the
+backward. Only floating-point tensors ("activations") are transformed; integers (token ids, masks), non-tensors,
+and tensors marked ``no_checkpointing = True`` are kept as they are.
+
+[Note: partitioned activations] Inside a tensor-parallel model the input of a transformer block is replicated on
+every tensor rank. With ``partition_activations`` each rank keeps only a 1/tp slice (flattened, zero-padded to a
+multiple of tp) and the recomputation all-gathers it back over the tensor group: saved-input memory falls by tp
+at the cost of one all-gather per checkpoint in the backward. The slice is a copy, so the full input can be freed
+as soon as the forward moves on.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from shardwise import comm
+from shardwise.activation_checkpointing.settings import CheckpointingConfigError, Settings
+from shardwise.comm.group import Group
+
+
+def is_activation(x: Any) -> bool:
+    """Whether ``x`` is an input that partitioning/offloading applies to."""
+    return torch.is_tensor(x) and x.is_floating_point() and not getattr(x, "no_checkpointing", False)
+
+
+class _ContiguousBuffers:
+    """One preallocated ``[number_checkpoints, slice]`` block per argument position, filled row by row."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, torch.Tensor] = {}
+        self.next: dict[int, int] = defaultdict(int)
+
+    def take(self, index: int, piece: torch.Tensor, slots: int) -> torch.Tensor:
+        block = self.blocks.get(index)
+        if block is None:
+            block = torch.empty((slots, piece.numel()), dtype=piece.dtype, device=piece.device)
+            self.blocks[index] = block
+        if block.shape[1] != piece.numel() or block.dtype != piece.dtype or block.device != piece.device:
+            raise CheckpointingConfigError(
+                f"contiguous_memory_optimization needs every checkpoint's argument {index} to have the same size, "
+                f"dtype and device; got a slice of {piece.numel()} {piece.dtype} on {piece.device} after "
+                f"{block.shape[1]} {block.dtype} on {block.device}. Turn contiguous_memory_optimization off")
+        row = self.next[index]
+        if row >= slots:
+            raise CheckpointingConfigError(
+                f"more than number_checkpoints={slots} checkpoints were stored in one forward pass; raise "
+                "activation_checkpointing.number_checkpoints (or configure(num_checkpoints=...)) to the number of "
+                "checkpointed calls per forward, or call shardwise.checkpointing.reset() between forward passes "
+                "that have no backward (evaluation)")
+        self.next[index] = row + 1
+        return block[row].copy_(piece)
+
+
+_BUFFERS = _ContiguousBuffers()
+_LIVE: weakref.WeakSet = weakref.WeakSet()
+
+
+def release_contiguous_buffers() -> None:
+    """Forget the contiguous blocks (slices already handed out stay valid until their checkpoints finish)."""
+    global _BUFFERS
+    _BUFFERS = _ContiguousBuffers()
+
+
+@dataclass
+class _Entry:
+    kind: str  # "object": kept as is | "tensor": a (possibly moved) tensor | "slice": this rank's partition
+    value: Any
+    shape: tuple[int, ...] = ()
+    device: torch.device | None = None
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    return t if t.device.type == "cpu" else t.detach().to("cpu")
+
+
+class Stash:
+    """The saved inputs of one checkpoint (see the module docstring)."""
+
+    def __init__(self, args: tuple, settings: Settings, group: Group | None) -> None:
+        self.group = group if group is not None and group.size > 1 else None
+        partition = settings.partition_activations and self.group is not None
+        self.entries: list[_Entry] = []
+        slot = 0
+        for arg in args:
+            if not is_activation(arg):
+                self.entries.append(_Entry("object", arg))
+                continue
+            if partition:
+                piece = self._slice(arg)
+                if settings.cpu_checkpointing:
+                    piece = _to_host(piece)
+                if settings.contiguous_memory_optimization:  # the block lives where the slices do
+                    piece = _BUFFERS.take(slot, piece, settings.number_checkpoints or 1)
+                self.entries.append(_Entry("slice", piece, tuple(arg.shape), arg.device))
+            elif settings.cpu_checkpointing:
+                self.entries.append(_Entry("tensor", _to_host(arg), tuple(arg.shape), arg.device))
+            else:
+                self.entries.append(_Entry("tensor", arg.detach(), tuple(arg.shape), arg.device))
+            slot += 1
+        _LIVE.add(self)
+
+    def _slice(self, x: torch.Tensor) -> torch.Tensor:
+        n, r = self.group.size, self.group.rank
+        flat = x.detach().reshape(-1)
+        width = -(-flat.numel() // n)
+        if flat.numel() != width * n:
+            flat = torch.cat([flat, flat.new_zeros(width * n - flat.numel())])
+        return flat.narrow(0, r * width, width).clone()
+
+    def restore(self) -> list[Any]:
+        """The original arguments (tensors detached, on their original devices). Collective when partitioned."""
+        out = []
+        for e in self.entries:
+            if e.kind == "object":
+                out.append(e.value)
+            elif e.kind == "tensor":
+                out.append(e.value.to(e.device) if e.value.device != e.device else e.value)
+            else:
+                piece = e.value.to(e.device)
+                full = piece.new_empty(piece.numel() * self.group.size)
+                comm.all_gather_into_tensor(full, piece, group=self.group)
+                numel = 1
+                for s in e.shape:
+                    numel *= s
+                out.append(full.narrow(0, 0, numel).view(e.shape))
+        return out
+
+    def release(self) -> None:
+        """Drop the saved tensors (after the recomputation)."""
+        self.entries = []
+
+    def nbytes_by_device(self) -> dict[str, int]:
+        """Bytes of the copies and slices this stash made, per device type (what ``memory_stats`` sums).
+
+        Activations kept as they are (no partitioning or offloading) count too: the stash keeps them alive.
+        Non-activation inputs (token ids, masks, constants marked ``no_checkpointing``) are not counted.
+        """
+        out: dict[str, int] = defaultdict(int)
+        for e in self.entries:
+            if e.kind != "object":
+                t = e.value
+                out[t.device.type] += t.numel() * t.element_size()
+        return dict(out)
+
+
+def memory_stats() -> dict[str, int]:
+    """Bytes of checkpoint inputs currently held, per device type, over every live checkpoint of this process."""
+    total: dict[str, int] = defaultdict(int)
+    for stash in list(_LIVE):
+        for device, n in stash.nbytes_by_device().items():
+            total[device] += n
+    return dict(total)

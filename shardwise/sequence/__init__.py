@@ -1,0 +1,1 @@
+"""DeepSpeed's ``deepspeed.sequence`` package path (``deepspeed.sequence.layer.DistributedAttention``)."""
