@@ -108,9 +108,8 @@ def _detect_local_slots() -> int:
         try:
             import torch
 
-            count = torch.cuda.device_count()
-            if count == 0 and hasattr(torch, "accelerator"):
-                count = torch.accelerator.device_count()
+            # device-agnostic (CUDA, ROCm, XPU, HPU when its plugin is loaded), without importing the runtime
+            count = torch.accelerator.device_count() if hasattr(torch, "accelerator") else 0
         except Exception as err:  # a broken driver must not stop a CPU launch
             logger.debug("accelerator count failed: %s", err)
     if count == 0:
