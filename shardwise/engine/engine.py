@@ -329,7 +329,10 @@ class Engine(nn.Module):
             self.strategy.zero_grad()
 
     def destroy(self) -> None:
-        """Detach hooks so the module can be used (or garbage-collected) without the engine."""
+        """Finish any asynchronous checkpoint, then detach hooks so the module can be used without the engine."""
+        from shardwise.checkpoint import wait_for_checkpoint
+
+        wait_for_checkpoint(self)
         if self.strategy is not None and hasattr(self.strategy, "remove_hooks"):
             self.strategy.remove_hooks()
 

@@ -100,6 +100,11 @@ class FlatStrategy:
         """Update owned weights and republish them."""
         self.optimizer.step()
 
+    def publish_weights(self) -> None:
+        """Make the model's weights current from the fp32 masters (after they were written, e.g. by a load)."""
+        if self.policy.use_master:
+            self.optimizer.publish()
+
     def zero_grad(self) -> None:
         """Reset gradient accumulation."""
         self.optimizer.zero_grad()

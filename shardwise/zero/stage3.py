@@ -388,6 +388,19 @@ class Stage3Strategy:
         """Step the fp32 masters, cast them into the shards, refresh persistent units."""
         self.optimizer.step()
 
+    def publish_weights(self) -> None:
+        """Shards from the fp32 masters (after they were written, e.g. by a load); gathered units re-gather,
+        including frozen ones, whose shards were written directly."""
+        self.optimizer.publish()
+        if self.frozen_group is not None:
+            handles = []
+            for u in self.frozen_group.units:
+                u.comm.invalidate(u.cache)
+                if u.state is UnitState.GATHERED:
+                    handles.append(u.refresh())
+            for h in handles:
+                h.wait()
+
     def zero_grad(self) -> None:
         """Start a new accumulation window."""
         for g in self.optimizer.live_groups:
