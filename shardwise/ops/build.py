@@ -93,6 +93,19 @@ def _library_path(name: str, source: Path, compiler: str, flags: tuple[str, ...]
     return cache_dir() / f"{name}-{digest.hexdigest()[:16]}.so"
 
 
+def _private_temp_dir() -> Path:
+    """``<tmp>/shardwise-<uid>``, created 0700; refused if another user owns it or can write to it
+    (a library loaded from there runs in our process)."""
+    uid = os.getuid() if hasattr(os, "getuid") else None
+    path = Path(tempfile.gettempdir()) / f"shardwise-{uid if uid is not None else 'user'}"
+    path.mkdir(mode=0o700, exist_ok=True)
+    st = path.stat()
+    if uid is not None and (st.st_uid != uid or st.st_mode & 0o022):
+        raise KernelBuildError(f"{path} is owned by another user or writable by others; refusing to build there "
+                               "(set SHARDWISE_CACHE_DIR to a private writable directory)")
+    return path
+
+
 def build(name: str, source: Path, flags: tuple[str, ...] = DEFAULT_FLAGS) -> Path:
     """Compile ``source`` into a cached shared library and return its path.
 
@@ -108,8 +121,16 @@ def build(name: str, source: Path, flags: tuple[str, ...] = DEFAULT_FLAGS) -> Pa
     target = _library_path(name, source, compiler, flags)
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.tmp", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.tmp", dir=target.parent)
+    except OSError as exc:  # read-only home (some CI containers): build under the temp dir instead
+        fallback = _private_temp_dir()
+        logger.warning("cache dir %s is not writable (%s); building in %s", target.parent, exc, fallback)
+        target = fallback / target.name
+        if target.exists():
+            return target
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
         cmd = [compiler, *flags, "-o", tmp, str(source)]

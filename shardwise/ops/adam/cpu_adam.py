@@ -60,7 +60,8 @@ def _kernel() -> ctypes.CDLL | None:
         lib.sw_capabilities.restype = _I
         caps = lib.sw_capabilities()
         if not caps & 1:
-            del _GRAD_CODES[torch.float16], _OUT_CODES[torch.float16]
+            _GRAD_CODES.pop(torch.float16, None)
+            _OUT_CODES.pop(torch.float16, None)
         logger.info("shardwise CPU Adam: using the C kernel (fp16=%s, openmp=%s)", bool(caps & 1), bool(caps & 2))
     else:
         logger.warning("shardwise CPU Adam: using the torch fallback (torch._fused_adam(w)_)")
@@ -104,7 +105,8 @@ def _kernel_key(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tens
     test runs once per tensor per step, so it must stay well under a microsecond.
     """
     f32 = torch.float32
-    if not (p.dtype is f32 and m.dtype is f32 and v.dtype is f32 and p.is_cpu and g.is_cpu):
+    if not (p.dtype is f32 and m.dtype is f32 and v.dtype is f32 and p.is_cpu and g.is_cpu and m.is_cpu
+            and v.is_cpu):
         return None
     gcode = _GRAD_CODES.get(g.dtype)
     if gcode is None or not (p.is_contiguous() and m.is_contiguous() and v.is_contiguous()):
@@ -195,6 +197,9 @@ def _torch_adam(params, grads, exp_avgs, exp_avg_sqs, outs, *, step, lr, beta1, 
     work = [p if p.dtype == m.dtype else p.to(m.dtype) for p, m in zip(params, exp_avgs)]
     grads = [g if g.dtype == w.dtype and g.device == w.device else g.to(w) for g, w in zip(grads, work)]
     grads = [g if g.shape == w.shape else g.reshape(w.shape) for g, w in zip(grads, work)]
+    # flat state for a shaped param (or the reverse): views share storage, so updates land in place
+    exp_avgs = [m if m.shape == w.shape else m.view(w.shape) for m, w in zip(exp_avgs, work)]
+    exp_avg_sqs = [v if v.shape == w.shape else v.view(w.shape) for v, w in zip(exp_avg_sqs, work)]
     done = False
     fused = torch._fused_adamw_ if adamw_mode else torch._fused_adam_
     # torch's fused kernels walk raw memory, so they need one layout for all four tensors; the
