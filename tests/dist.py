@@ -24,7 +24,8 @@ from typing import Any
 
 PRELOAD = ["torch", "torch.distributed", "torch.nn.functional", "torch._dynamo", "torch.optim", "pytest", "shardwise",
            "shardwise.api", "shardwise.engine.optimizers", "shardwise.engine.lr_schedules",
-           "shardwise.engine.build", "tests.dist", "tests.models"]
+           "shardwise.engine.build", "tests.dist", "tests.models", "transformers", "transformers.modeling_utils",
+           "shardwise.inference"]
 GRACE_SECONDS = 2.0
 
 _ctx: Any = None

@@ -164,7 +164,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("csv_monitor", S),  # utils/ monitors
     Feature("wall_clock_breakdown", S),  # utils/timers.py
     Feature("memory_breakdown", S),  # engine
-    Feature("communication_data_type", S, note='"fp32", "fp16", "bf16"'),  # comm/collectives.py
+    Feature("communication_data_type", S, note='"fp32", "fp16", "bf16"'),  # zero/reducer.py, zero/stage3.py
     Feature("gradient_clipping", S),  # engine
     Feature("optimizer.type", N, KNOWN_OPTIMIZER, _OPTIMIZERS),  # engine/optimizers.py
     Feature("scheduler.type", N, KNOWN_SCHEDULER, _SCHEDULERS),  # engine/lr_schedules.py
@@ -248,7 +248,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("managed_gradient_accumulation", N, TRUE, "unmanaged accumulation"),  # engine boundary logic
     Feature("gradient_allreduce_op", N, MEAN, "summed data-parallel gradients"),  # comm
     Feature("seq_parallel_communication_data_type", N, FP32_OR_NULL, "16-bit sequence-parallel comm"),  # sp/
-    Feature("data_types.grad_accum_dtype", N, FP32_OR_NULL, "16-bit gradient accumulation"),  # precision
+    Feature("data_types.grad_accum_dtype", S, note='"fp32", "fp16", "bf16"'),  # zero/policy.py
     Feature("data_types.param_dtype", N, NULL, "convert the model's dtype yourself"),  # precision
     Feature("data_types.buffer_dtype", N, NULL, "convert the buffers' dtype yourself"),  # precision
     Feature("fp16.fp16_master_weights_and_grads", N, OFF, "16-bit master weights"),  # precision

@@ -132,6 +132,7 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
         reduce_scatter=zc.reduce_scatter, bucket_numel=bucket,
         offload_optimizer=zc.offload_optimizer_device != "none",
         pin_memory=bool(zc.offload_optimizer and zc.offload_optimizer.pin_memory),
+        comm_dtype=config.communication_data_type,
     )
     if zc.stage < 3 and zc.offload_optimizer_device == "nvme":
         raise EngineBuildError(

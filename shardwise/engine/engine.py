@@ -21,6 +21,7 @@ from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
 from shardwise.engine import model_parallel
+from shardwise.engine.precision import cast_inputs_half
 from shardwise.engine.step_log import StepLog
 from shardwise.utils.logging import log_dist, logger
 from shardwise.utils.timers import Timers
@@ -188,6 +189,8 @@ class Engine(nn.Module):
         """Run the wrapped module."""
         if self._step_started is None:
             self._step_started = time.perf_counter()
+        if self._config.fp16.enabled and self._config.fp16.auto_cast:
+            inputs = cast_inputs_half(inputs)  # positional inputs only, as DeepSpeed
         with self.timers("forward"):
             if self.strategy is None or not hasattr(self.strategy, "forward_context"):
                 return self.module(*inputs, **kwargs)

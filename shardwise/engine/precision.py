@@ -122,6 +122,21 @@ class NoScaler:
         self.overflows = int(state.get("overflows", 0))
 
 
+def cast_inputs_half(inputs: Any) -> Any:
+    """``fp16.auto_cast``: floating-point tensors in ``inputs`` (nested lists, tuples, dicts) cast to float16.
+
+    Integer tensors (token ids, masks) and non-tensors are left alone, as DeepSpeed does for the positional
+    forward inputs.
+    """
+    if isinstance(inputs, (list, tuple)):
+        return inputs.__class__(cast_inputs_half(v) for v in inputs)
+    if isinstance(inputs, dict):
+        return {k: cast_inputs_half(v) for k, v in inputs.items()}
+    if torch.is_tensor(inputs) and inputs.is_floating_point():
+        return inputs.half()
+    return inputs
+
+
 def make_scaler(config: Any) -> DynamicLossScaler | NoScaler:
     """The loss scaler for this config."""
     return DynamicLossScaler.from_config(config.fp16) if config.fp16.enabled else NoScaler()

@@ -41,6 +41,7 @@ class ZeroPolicy:
     offload_optimizer: bool  # master + optimizer state on the host
     pin_memory: bool
     grads_are_param_views: bool  # p.grad aliases the full buffer (kept, and in the parameters' dtype)
+    comm_dtype: torch.dtype | None = None  # communication_data_type: reduce gradients in this dtype
 
 
 
@@ -58,7 +59,7 @@ def default_bucket_numel(model_numel: int, explicit: int | None) -> int:
 
 def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str | None, bf16_optimizer: bool,
                 overlap_comm: bool, reduce_scatter: bool, bucket_numel: int, offload_optimizer: bool,
-                pin_memory: bool) -> ZeroPolicy:
+                pin_memory: bool, comm_dtype: str | None = None) -> ZeroPolicy:
     """Choose the policy for a stage, the model's dtype and the ``data_types.grad_accum_dtype`` setting."""
     low_precision = param_dtype in (torch.float16, torch.bfloat16)
     accum = _DTYPES[grad_accum_dtype] or (torch.float32 if bf16_optimizer else param_dtype)
@@ -81,6 +82,6 @@ def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str |
         use_master=low_precision or partitioned or offload_optimizer, overlap_comm=overlap_comm,
         use_reduce_scatter=reduce_scatter, bucket_numel=bucket_numel, max_inflight=4,
         offload_optimizer=offload_optimizer, pin_memory=pin_memory,
-        grads_are_param_views=not every and accum == param_dtype,
+        grads_are_param_views=not every and accum == param_dtype, comm_dtype=_DTYPES[comm_dtype],
     )
     return policy

@@ -27,6 +27,7 @@ class _InFlight:
     source: torch.Tensor  # the reduced buffer (kept alive until the collective completes)
     temp: torch.Tensor | None  # reduce-scatter output to add into the partition (accumulating micro-steps)
     overwrite: bool  # first reduction of the window: replace the partition instead of adding
+    wire: torch.Tensor  # what was communicated: ``source``, or a copy in the communication dtype
 
 
 class GradReducer:
@@ -122,21 +123,25 @@ class GradReducer:
         self._launched.add((gi, b))
         g = self.groups[gi]
         source = self._source(gi, b)
+        # communication_data_type: the bucket travels (and is summed) in another dtype, then comes back
+        wire = source if self.policy.comm_dtype in (None, source.dtype) else source.to(self.policy.comm_dtype)
         temp = None
         if not self.policy.partitioned or not self.policy.use_reduce_scatter:
-            handle = comm.all_reduce(source, group=self.comm_group, async_op=True)
+            handle = comm.all_reduce(wire, group=self.comm_group, async_op=True)
         else:
             out = g.part_view(g.part_grad, b)
-            if not self._fresh:
-                temp = out = torch.empty_like(out)
-            handle = comm.reduce_scatter_tensor(out, source, group=self.comm_group, async_op=True)
-        self._inflight.append(_InFlight(gi, b, handle, source, temp, self._fresh))
+            if not self._fresh or wire is not source:
+                temp = out = torch.empty(out.numel(), dtype=wire.dtype, device=out.device)
+            handle = comm.reduce_scatter_tensor(out, wire, group=self.comm_group, async_op=True)
+        self._inflight.append(_InFlight(gi, b, handle, source, temp, self._fresh, wire))
         while len(self._inflight) > self.policy.max_inflight:
             self._finalize(self._inflight.popleft())
 
     def _finalize(self, entry: _InFlight) -> None:
         entry.handle.wait()
         g = self.groups[entry.group]
+        if entry.wire is not entry.source and entry.temp is None:
+            entry.source.copy_(entry.wire)  # all-reduced in the communication dtype
         if self.policy.partitioned and not self.policy.use_reduce_scatter:
             b = g.layout.buckets[entry.bucket]
             lo = g.rank * b.shard_size
@@ -144,4 +149,5 @@ class GradReducer:
             part = g.part_view(g.part_grad, entry.bucket)
             part.copy_(shard) if entry.overwrite else part.add_(shard)
         elif entry.temp is not None:
-            g.part_view(g.part_grad, entry.bucket).add_(entry.temp)
+            part = g.part_view(g.part_grad, entry.bucket)
+            part.copy_(entry.temp) if entry.overwrite else part.add_(entry.temp)

@@ -331,13 +331,13 @@ class Stage3Strategy:
     def _reduce(self, unit: ParamUnit) -> None:
         group = self.groups[unit.group_index]
         out = group.part_grad[unit.shard_offset : unit.shard_offset + unit.shard_numel]
-        grads = unit.take_grads().to(group.part_grad.dtype)
+        grads = unit.take_grads().to(self.policy.comm_dtype or group.part_grad.dtype)
         temp = None
-        if not self._fresh:
-            temp = out = torch.empty_like(out)
+        if not self._fresh or grads.dtype != out.dtype:
+            temp = out = torch.empty(out.numel(), dtype=grads.dtype, device=out.device)
         handle = unit.comm.reduce_scatter(out, grads, async_op=True)
         unit.pending_grads = -1  # reduced for this backward
-        self._inflight.append((handle, grads, temp, unit))
+        self._inflight.append((handle, grads, temp, unit, self._fresh))
         if not unit.persistent:
             unit.release()
             self._live.discard(unit)
@@ -345,11 +345,12 @@ class Stage3Strategy:
             self._finalize(self._inflight.popleft())
 
     def _finalize(self, entry: tuple) -> None:
-        handle, _grads, temp, unit = entry
+        handle, _grads, temp, unit, overwrite = entry
         handle.wait()
         if temp is not None:
             group = self.groups[unit.group_index]
-            group.part_grad[unit.shard_offset : unit.shard_offset + unit.shard_numel].add_(temp)
+            part = group.part_grad[unit.shard_offset : unit.shard_offset + unit.shard_numel]
+            part.copy_(temp) if overwrite else part.add_(temp)
 
     def begin_backward(self, boundary: bool) -> None:
         """Count the gradients each trainable unit expects in this backward."""

@@ -134,3 +134,27 @@ def test_a_collective_that_times_out_names_the_operation_group_and_rank() -> Non
     message = run_ranks(_timeout, timeout=30)[0]
     assert "rank 0: all_reduce on group Group(slow-pair, ranks=[0, 1]) timed out" in message
     assert "same collectives in the same order" in message
+
+
+class _DtypeProbe(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 4)
+        self.seen: list[torch.dtype] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.append(x.dtype)
+        return self.lin(x)
+
+
+def _auto_cast(auto_cast: bool) -> list[str]:
+    cfg = _cfg(fp16={"enabled": True, "auto_cast": auto_cast})
+    engine, *_ = shardwise.initialize(model=_DtypeProbe(), config=cfg)
+    out = engine(torch.randn(4, 8).half() if not auto_cast else torch.randn(4, 8))
+    assert out.dtype == torch.float16
+    return [str(d) for d in engine.module.seen]
+
+
+def test_fp16_auto_cast_casts_floating_inputs() -> None:
+    assert run_ranks(_auto_cast, True)[0] == ["torch.float16"]
+    assert run_ranks(_auto_cast, False)[0] == ["torch.float16"]

@@ -69,3 +69,33 @@ def test_zero_matches_reference(stage: int, dp: int, gas: int, offload: bool) ->
 def test_zero_options_keep_parity(stage: int, option: dict) -> None:
     results = run_ranks(_train, _cfg(stage, 2, **option), 2, world_size=2)
     _check(results, 2, 2)
+
+
+def _comm_dtype_run(stage: int, comm_dtype: str | None) -> dict:
+    from shardwise.comm import COMMS_LOG
+
+    cfg = _cfg(stage, 1)
+    if comm_dtype:
+        cfg["communication_data_type"] = comm_dtype
+    engine, _, _, _ = shardwise.initialize(model=tiny_mlp(seed=0), config=cfg)
+    losses, reduced = [], 0
+    for step in range(STEPS):
+        COMMS_LOG.reset()
+        x, y = rank_batch(step, engine.topology.coord("dp"))
+        loss = mse_loss(engine, x, y)
+        engine.backward(loss)
+        engine.step()
+        # gradient reductions only (the global-norm all-reduce is a float64 scalar in every run)
+        grad_op = "all_reduce" if stage == 0 else "reduce_scatter"
+        reduced += sum(s.msg_bytes for (op, _), s in COMMS_LOG.stats.items() if op == grad_op)
+        losses.append(loss.item())
+    return {"losses": losses, "reduced_bytes": reduced}
+
+
+@pytest.mark.parametrize("stage", [0, 2, 3])
+def test_communication_data_type_halves_gradient_bytes(stage: int) -> None:
+    exact = run_ranks(_comm_dtype_run, stage, None)[0]
+    half = run_ranks(_comm_dtype_run, stage, "bf16")[0]
+    assert half["reduced_bytes"] * 2 == exact["reduced_bytes"]
+    drift = max(abs(a - b) / abs(b) for a, b in zip(half["losses"], exact["losses"]))
+    assert drift < 1e-2, drift  # bf16 rounding of the reduced gradients only
