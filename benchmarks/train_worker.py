@@ -140,6 +140,8 @@ def ds_style_config(args) -> dict:
            "zero_optimization": {"stage": args.stage}}
     if args.offload:
         cfg["zero_optimization"]["offload_optimizer"] = {"device": "cpu"}
+        if args.stage == 3:
+            cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     if args.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
     return cfg
