@@ -2,6 +2,7 @@
 
 Run:  python benchmarks/bench_cpu_adam.py            (full: 1M, 10M, 50M, 100M elements)
       python benchmarks/bench_cpu_adam.py --quick    (1M and 10M only, fewer rounds)
+      python benchmarks/bench_cpu_adam.py --spans    (where splitting a step across threads starts to pay)
 
 For each total size, two layouts are timed: one flat tensor (what ZeRO-Offload passes) and many
 small tensors (a mix of 1K-64K elements, like a model's individual weights). For each layout and
@@ -18,6 +19,10 @@ the neighbours, not the code. On Linux a round during which other processes used
 a core (from /proc/stat) is discarded and redone; rows still disturbed after retries are marked
 "(busy machine)". A ratio below 1.0 means CPUAdam is faster. The markdown table is printed and written to
 ``benchmarks/results/cpu_adam.md``.
+
+``--spans`` times one flat tensor of 16K-2M elements with 2 threads: the kernel on one thread, the kernel split
+into two spans (one on a pool thread), and torch's fused AdamW, to choose ``cpu_adam.MIN_SPAN``: the smallest
+span for which waking a pool thread (tens of microseconds) is repaid. It is printed, not written.
 """
 
 from __future__ import annotations
@@ -27,11 +32,13 @@ import gc
 import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from shardwise.ops.adam import CPUAdam, backend_name
+from shardwise.ops.adam import CPUAdam, adam_step_flat, backend_name
+from shardwise.ops.adam import cpu_adam as cpu_adam_mod
 
 RESULTS = Path(__file__).resolve().parent / "results" / "cpu_adam.md"
 SMALL_SIZES = (16384, 4096, 65536, 1024, 32768)  # cycled until the total is reached
@@ -76,8 +83,8 @@ def _busy_jiffies() -> tuple[int, int] | None:
         return None
 
 
-def time_round(opt: torch.optim.Optimizer, steps: int, retries: int = 6) -> tuple[float, bool]:
-    """ms/step over ``steps`` steps, retried while other processes use the CPU.
+def time_round(step: Callable[[], object], steps: int, retries: int = 6) -> tuple[float, bool]:
+    """ms/step of ``step()`` over ``steps`` calls, retried while other processes use the CPU.
 
     The machine's busy time minus this process's own CPU time is what other processes took
     during the round; above 10% of one core the round measured the neighbours and is redone.
@@ -88,7 +95,7 @@ def time_round(opt: torch.optim.Optimizer, steps: int, retries: int = 6) -> tupl
         before = _busy_jiffies()
         t0 = time.perf_counter()
         for _ in range(steps):
-            opt.step()
+            step()
         elapsed = time.perf_counter() - t0
         after = _busy_jiffies()
         if before is None or after is None:
@@ -107,14 +114,14 @@ def bench_case(total: int, layout: str, threads: int, rounds: int) -> dict[str, 
     for opt in opts.values():  # allocate state, fault in pages
         opt.step()
     # enough steps per round for ~0.15 s of the slowest implementation
-    probe = max(time_round(o, 1, retries=1)[0] for o in opts.values())
+    probe = max(time_round(o.step, 1, retries=1)[0] for o in opts.values())
     steps = max(1, int(150 / max(probe, 1e-3)))
     samples: dict[str, list[float]] = {name: [] for name in opts}
     disturbed = False
     names = list(opts)
     for r in range(rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            ms, noisy = time_round(opts[name], steps)
+            ms, noisy = time_round(opts[name].step, steps)
             samples[name].append(ms)
             disturbed |= noisy
     result = {name: min(ts) for name, ts in samples.items()}
@@ -122,6 +129,46 @@ def bench_case(total: int, layout: str, threads: int, rounds: int) -> dict[str, 
     del opts, params
     gc.collect()
     return result
+
+
+def _kernel_step(tensors: tuple[torch.Tensor, ...], min_span: int) -> Callable[[], None]:
+    """One ``adam_step_flat`` with ``cpu_adam.MIN_SPAN`` set to ``min_span`` (forces 1 span or a split)."""
+    kw = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, adamw_mode=True,
+              bias_correction=True)
+
+    def step() -> None:
+        cpu_adam_mod.MIN_SPAN = min_span
+        adam_step_flat(*tensors, **kw)
+
+    return step
+
+
+def span_sweep(sizes: list[int], rounds: int) -> str:
+    """Kernel on 1 thread vs split over 2 (forced) vs torch fused, one flat tensor, 2 threads available."""
+    torch.set_num_threads(2)
+    lines = ["| elements | kernel, 1 span us | kernel, 2 spans us | torch fused (2 threads) us | 2 spans / 1 span |",
+             "|---:|---:|---:|---:|---:|"]
+    print("\n".join(lines), flush=True)
+    saved = cpu_adam_mod.MIN_SPAN
+    for n in sizes:
+        tensors = tuple(torch.empty(n).uniform_(0.1, 1.0) for _ in range(4))
+        tp = tensors[0].clone().requires_grad_()
+        tp.grad = tensors[1]
+        fused = torch.optim.AdamW([tp], lr=1e-3, weight_decay=0.01, fused=True)
+        fused.step()
+        cases = {"one": _kernel_step(tensors, n + 1), "two": _kernel_step(tensors, 16), "torch": fused.step}
+        steps = max(20, int(3e8 / (28 * n)))  # ~10-20 ms per round
+        samples: dict[str, list[float]] = {k: [] for k in cases}
+        for _ in range(rounds):
+            for name, fn in cases.items():
+                samples[name].append(time_round(fn, steps)[0] * 1e3)
+        best = {k: min(v) for k, v in samples.items()}
+        row = (f"| {n:,} | {best['one']:.0f} | {best['two']:.0f} | {best['torch']:.0f} "
+               f"| {best['two'] / best['one']:.2f} |")
+        lines.append(row)
+        print(row, flush=True)
+    cpu_adam_mod.MIN_SPAN = saved
+    return "\n".join(lines)
 
 
 def fmt_size(n: int) -> str:
@@ -135,7 +182,10 @@ def main(argv: list[str] | None = None) -> str:
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="1M and 10M only, 3 rounds")
     ap.add_argument("--output", type=Path, default=RESULTS)
+    ap.add_argument("--spans", action="store_true", help="sweep where splitting a step over 2 threads pays")
     args = ap.parse_args(argv)
+    if args.spans:
+        return span_sweep([16384 * 2**i for i in range(8)], args.rounds)
     if args.quick:
         args.sizes, args.rounds = [1_000_000, 10_000_000], 3
 

@@ -9,8 +9,9 @@ with all cores' threads, TP=2 ranks with cores/2 each) and measures, at batch 1 
 * load time: from files on disk to a ready model (HF ``from_pretrained``; shardwise ``init_inference`` building
   on the meta device and reading each rank's slices; DeepSpeed ``from_pretrained`` on every rank, then
   ``init_inference`` with auto-TP, its documented path without kernel injection);
-* TTFT: ``generate(max_new_tokens=1)``; per-token latency: ``(generate(N) - TTFT) / (N - 1)``; tokens/s: batch * N
-  / ``generate(N)``; medians over repeats, ranks aligned by a barrier before each call;
+* TTFT and per-token latency from a timestamping streamer passed to ``generate(N)``: time to the first new token,
+  and the median interval between later tokens (over all repeats); tokens/s: batch * N / ``generate(N)`` (median);
+  ranks aligned by a barrier before each call;
 * peak RSS of each rank (VmHWM), largest over ranks;
 * a fingerprint of the greedy tokens (rows of one model and dtype should agree; fp32 TP splits change rounding
   only).
@@ -60,6 +61,21 @@ def _peak_rss_mb() -> float:
     return float("nan")
 
 
+class _Clock:
+    """A generate() streamer that only timestamps: ``put`` is called with the prompt, then once per new token."""
+
+    def __init__(self) -> None:
+        self.start, self.stamps, self._prompt_seen = 0.0, [], False
+
+    def put(self, value) -> None:
+        if self._prompt_seen:
+            self.stamps.append(time.perf_counter() - self.start)
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        return None
+
+
 def _load(framework: str, path: str, dtype, tp: int):
     if framework == "hf":
         from transformers import AutoModelForCausalLM
@@ -98,21 +114,23 @@ def worker(spec: dict) -> None:
         ids = torch.randint(3, 1000, (batch, PROMPT), generator=torch.Generator().manual_seed(batch))
         mask = torch.ones_like(ids)
 
-        def run(new: int, ids=ids, mask=mask) -> tuple[float, torch.Tensor]:
+        def run(new: int, ids=ids, mask=mask) -> tuple[float, list[float], torch.Tensor]:
+            """(total seconds, time of each new token since the call, tokens) of one generate()."""
+            clock = _Clock()
             barrier()
-            t0 = time.perf_counter()
+            clock.start = time.perf_counter()
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, pad_token_id=0)
-            return time.perf_counter() - t0, out
+                                 do_sample=False, pad_token_id=0, streamer=clock)
+            return time.perf_counter() - clock.start, clock.stamps, out
 
         run(4)  # warm-up
-        ttft = statistics.median(run(1)[0] for _ in range(spec["repeats"]))
-        fulls = [run(spec["new_tokens"]) for _ in range(spec["repeats"])]
-        full = statistics.median(t for t, _ in fulls)
-        tokens = fulls[0][1][0, PROMPT:].tolist()
-        n = spec["new_tokens"]
-        rows.append({"batch": batch, "ttft_ms": ttft * 1e3, "per_token_ms": (full - ttft) / (n - 1) * 1e3,
-                     "tokens_per_s": batch * n / full,
+        runs = [run(spec["new_tokens"]) for _ in range(spec["repeats"])]
+        steps = [b - a for _, stamps, _ in runs for a, b in zip(stamps, stamps[1:])]
+        total = statistics.median(t for t, _, _ in runs)
+        tokens = runs[0][2][0, PROMPT:].tolist()
+        rows.append({"batch": batch, "ttft_ms": statistics.median(stamps[0] for _, stamps, _ in runs) * 1e3,
+                     "per_token_ms": statistics.median(steps) * 1e3,
+                     "tokens_per_s": batch * spec["new_tokens"] / total,
                      "fingerprint": hashlib.sha1(json.dumps(tokens).encode()).hexdigest()[:8]})
     rss = [_peak_rss_mb()]
     if tp > 1:

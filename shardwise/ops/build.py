@@ -10,9 +10,14 @@ well under a second, so building it on first use keeps the package pure Python a
 anywhere. A host without a compiler still works: :func:`load_kernel` returns ``None`` and callers
 fall back to torch.
 
+No OpenMP: kernels are built single-threaded and link nothing but libc/libm; callers that want
+threads split the work themselves (see :mod:`shardwise.ops.adam.cpu_adam`). A process running torch
+already has an OpenMP runtime and several thread pools, and a kernel must not add another.
+
 Cache: ``$SHARDWISE_CACHE_DIR`` (default ``~/.cache/shardwise``) holds ``<name>-<hash>.so``, the hash
 covering the source, the compiler's identity, the flags and the CPU's feature flags, so a source
-edit, a compiler upgrade or a home directory shared by different CPUs each get their own build.
+edit, a compiler upgrade or a home directory shared by different CPUs each get their own build
+(builds from older flag sets, such as the former ``-fopenmp`` ones, are never picked up again).
 Several ranks may build at once: each compiles to its own temporary file and renames it into
 place atomically, so a reader sees either no library or a complete one.
 """
@@ -34,8 +39,12 @@ logger = logging.getLogger(__name__)
 
 CSRC_DIR = Path(__file__).resolve().parent / "csrc"
 DEFAULT_FLAGS = (
-    "-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11",
+    "-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11",
 )
+
+# Libraries named after the source (the linker drops unused ones): libm for pow/sqrt, which the
+# kernel must not pick up from whatever the host process happens to have loaded.
+LINK_LIBS = ("-lm",)
 
 _lock = threading.Lock()
 _loaded: dict[str, ctypes.CDLL | None] = {}
@@ -86,7 +95,7 @@ def _compiler_identity(compiler: str) -> str:
 
 def _library_path(name: str, source: Path, compiler: str, flags: tuple[str, ...]) -> Path:
     digest = hashlib.sha256()
-    for part in (source.read_bytes(), _compiler_identity(compiler).encode(), " ".join(flags).encode(),
+    for part in (source.read_bytes(), _compiler_identity(compiler).encode(), " ".join(flags + LINK_LIBS).encode(),
                  _cpu_signature().encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -133,7 +142,7 @@ def build(name: str, source: Path, flags: tuple[str, ...] = DEFAULT_FLAGS) -> Pa
         fd, tmp = tempfile.mkstemp(prefix=f".{name}-", suffix=".so.tmp", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [compiler, *flags, "-o", tmp, str(source)]
+        cmd = [compiler, *flags, "-o", tmp, str(source), *LINK_LIBS]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if proc.returncode != 0:
             raise KernelBuildError(
@@ -178,10 +187,8 @@ def load_kernel(name: str, source: Path | None = None) -> ctypes.CDLL | None:
 
 
 def _flag_variants() -> list[tuple[str, ...]]:
-    """Full flags first; then without OpenMP (e.g. clang without libomp); then portable code."""
-    no_omp = tuple(f for f in DEFAULT_FLAGS if f != "-fopenmp")
-    portable = tuple(f for f in no_omp if f != "-march=native")
-    return [DEFAULT_FLAGS, no_omp, portable]
+    """Full flags first; then portable code (a compiler that rejects ``-march=native``)."""
+    return [DEFAULT_FLAGS, tuple(f for f in DEFAULT_FLAGS if f != "-march=native")]
 
 
 def build_error(name: str) -> str | None:

@@ -19,7 +19,17 @@ from shardwise.utils.zero_inspect import (
     safe_update_full_grad_vectorized,
 )
 
+
+def __getattr__(name: str):
+    if name == "OnDevice":  # deepspeed.utils.OnDevice; lives with the inference engine
+        from shardwise.inference.on_device import OnDevice
+
+        return OnDevice
+    raise AttributeError(f"module 'shardwise.utils' has no attribute {name!r}")
+
+
 __all__ = [
+    "OnDevice",
     "RepeatingLoader",
     "log_dist",
     "logger",

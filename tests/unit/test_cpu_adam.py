@@ -1,9 +1,20 @@
-"""CPUAdam / adam_step_flat: numerics against torch's Adam/AdamW, dtypes, lowp copies, build robustness."""
+"""CPUAdam / adam_step_flat: numerics against torch's Adam/AdamW, dtypes, lowp copies, build robustness,
+and the threading model: no OpenMP in the kernel library, GIL released during calls, Python-side spans (also under
+a gloo collective running beside them on 2 ranks: the one test here that starts ranks, kept with the kernel's
+other threading checks)."""
 
 from __future__ import annotations
 
 import copy
+import ctypes
+import os
+import shutil
+import struct
+import subprocess
 import threading
+import time
+from array import array
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,6 +22,7 @@ import torch
 from shardwise.ops import build
 from shardwise.ops.adam import CPUAdam, DeepSpeedCPUAdam, FusedAdam, adam_step_flat, adam_step_multi, backend_name
 from shardwise.ops.adam import cpu_adam as cpu_adam_mod
+from tests.dist import run_ranks
 
 SIZES = (1, 15, 16, 17, 1000, 40_000)  # vector tails, one block, several threads' worth
 RTOL, ATOL = 1e-6, 1e-7
@@ -138,14 +150,248 @@ def test_lowp_out_is_the_rounded_updated_param(out_dtype, backend):
     assert torch.equal(out, p.to(out_dtype))
 
 
-def test_thread_count_does_not_change_results():
-    sizes = (300_000, 7, 70_001, 16_384)
+@pytest.mark.parametrize("min_span", [None, 16], ids=["default-threshold", "split-everything"])
+def test_thread_count_does_not_change_results(min_span, monkeypatch):
+    if min_span is not None:  # spans then start and end inside tensors of every size, tails included
+        monkeypatch.setattr(cpu_adam_mod, "MIN_SPAN", min_span)
+    sizes = (2 * cpu_adam_mod.MIN_SPAN + 3, 7, 70_001, 16_384, 1)
     results = []
-    for threads in (1, 2):
+    for threads in (1, 2, 3):
         torch.set_num_threads(threads)
-        results.append(_run(lambda ps: CPUAdam(ps, lr=1e-2), steps=3, sizes=sizes))
-    for a, b in zip(*results):
-        assert torch.equal(a, b)
+        results.append(_run(lambda ps: CPUAdam(ps, lr=1e-2, weight_decay=0.1), steps=3, sizes=sizes))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("total", [0, 1, 17, 1000, 2**17, 2**18 + 5, 10**6 + 3])
+@pytest.mark.parametrize("nthreads", [1, 2, 3, 8])
+def test_split_spans_cover_the_range_on_cache_line_boundaries(total, nthreads):
+    spans = cpu_adam_mod.split_spans(total, nthreads, min_span=1000)
+    assert spans[0][0] == 0 and spans[-1][1] == total
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
+    assert all(lo < hi for lo, hi in spans) or spans == [(0, 0)]
+    assert all(lo % cpu_adam_mod.SPAN_ALIGN == 0 for lo, _ in spans)
+    assert len(spans) <= max(1, min(nthreads, total // 1000))
+
+
+def test_one_thread_or_small_steps_never_touch_the_pool(monkeypatch):
+    def no_pool(workers):
+        raise AssertionError("the thread pool must not be used here")
+
+    monkeypatch.setattr(cpu_adam_mod, "_executor", no_pool)
+    n = 4 * cpu_adam_mod.MIN_SPAN
+    kw = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, adamw_mode=True,
+              bias_correction=True)
+    torch.set_num_threads(1)
+    adam_step_flat(torch.zeros(n), torch.ones(n), torch.zeros(n), torch.zeros(n), **kw)
+    torch.set_num_threads(2)
+    small = cpu_adam_mod.MIN_SPAN  # below two spans' worth: one direct call
+    adam_step_flat(torch.zeros(small), torch.ones(small), torch.zeros(small), torch.zeros(small), **kw)
+    with pytest.raises(AssertionError, match="thread pool"):  # and the guard itself works
+        adam_step_flat(torch.zeros(n), torch.ones(n), torch.zeros(n), torch.zeros(n), **kw)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_pool_is_rebuilt_in_a_forked_child(monkeypatch):
+    """A forked child has no pool threads; without the at-fork reset its first split step would wait forever."""
+    monkeypatch.setattr(cpu_adam_mod, "MIN_SPAN", 256)
+    torch.set_num_threads(2)
+    n = 4096  # small enough that torch's own ops in the child stay single-threaded
+    p, m, v = _adam_case(0, n)
+    _steps(p, m, v, 2, 0)  # the parent's pool now exists
+    assert cpu_adam_mod._pool["executor"] is not None
+    expected = [t.clone() for t in (p, m, v)]
+    q, mq, vq = _adam_case(0, n)
+    pid = os.fork()
+    if pid == 0:  # child: only our kernel and tiny tensor ops, then leave at once
+        code = 1
+        try:
+            _steps(q, mq, vq, 2, 0)
+            code = 0 if all(torch.equal(a, b) for a, b in zip((q, mq, vq), expected)) else 2
+        finally:
+            os._exit(code)
+    result: list[int] = []
+    waiter = threading.Thread(target=lambda: result.append(os.waitpid(pid, 0)[1]), daemon=True)
+    waiter.start()
+    waiter.join(20)
+    if not result:
+        os.kill(pid, 9)
+        waiter.join(5)
+        pytest.fail("the forked child hung in its first threaded step")
+    status = result[0]
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+def _elf_dynamic_info(path: str | Path) -> tuple[list[str], set[str]]:
+    """(DT_NEEDED libraries, undefined dynamic symbols) of a 64-bit little-endian ELF file."""
+    data = Path(path).read_bytes()
+    if data[:4] != b"\x7fELF" or data[4] != 2 or data[5] != 1:
+        pytest.skip(f"{path} is not a 64-bit little-endian ELF file")
+    (shoff,) = struct.unpack_from("<Q", data, 0x28)
+    shentsize, shnum = struct.unpack_from("<HH", data, 0x3A)
+    # (name, type, flags, addr, offset, size, link, info, addralign, entsize)
+    sections = [struct.unpack_from("<IIQQQQIIQQ", data, shoff + i * shentsize) for i in range(shnum)]
+
+    def cstr(strtab: tuple, offset: int) -> str:
+        start = strtab[4] + offset
+        return data[start : data.index(b"\0", start)].decode()
+
+    needed, undefined = [], set()
+    for sec in sections:
+        if sec[1] == 6:  # SHT_DYNAMIC: (tag, value) pairs; DT_NEEDED = 1
+            for off in range(sec[4], sec[4] + sec[5], 16):
+                tag, val = struct.unpack_from("<qQ", data, off)
+                if tag == 1:
+                    needed.append(cstr(sections[sec[6]], val))
+        elif sec[1] == 11:  # SHT_DYNSYM: 24-byte symbols; section index 0 = undefined
+            for off in range(sec[4] + sec[9], sec[4] + sec[5], sec[9]):
+                name, _info, _other, shndx = struct.unpack_from("<IBBH", data, off)
+                if shndx == 0 and name:
+                    undefined.add(cstr(sections[sec[6]], name))
+    return needed, undefined
+
+
+def _openmp_refs(path: str | Path) -> list[str]:
+    needed, undefined = _elf_dynamic_info(path)
+    libs = [n for n in needed if any(k in n for k in ("gomp", "iomp", "libomp"))]
+    return libs + sorted(s for s in undefined if s.startswith(("GOMP_", "omp_", "__kmpc_")))
+
+
+def test_kernel_library_does_not_depend_on_openmp(tmp_path):
+    lib = cpu_adam_mod._kernel()
+    assert lib is not None, build.build_error(cpu_adam_mod.KERNEL_NAME)
+    assert "-fopenmp" not in build.DEFAULT_FLAGS and all("-fopenmp" not in f for f in build._flag_variants())
+    assert _openmp_refs(lib._name) == [], f"{lib._name} still links an OpenMP runtime"
+    assert not lib.sw_capabilities() & 2
+    # the reader is not blind: a library built with -fopenmp shows its runtime
+    src, out = tmp_path / "omp.c", tmp_path / "omp.so"
+    src.write_text("int sw_sum(const int* x, int n) { int s = 0;\n"
+                   "#pragma omp parallel for reduction(+ : s)\n"
+                   "for (int i = 0; i < n; ++i) s += x[i];\nreturn s; }\n")
+    proc = subprocess.run([build.find_compiler(), *build.DEFAULT_FLAGS, "-fopenmp", "-o", str(out), str(src)],
+                          capture_output=True, text=True, timeout=120)
+    if proc.returncode != 0:
+        pytest.skip(f"the compiler cannot build OpenMP code here: {proc.stderr[-300:]}")
+    assert any("omp" in r.lower() for r in _openmp_refs(out)), _elf_dynamic_info(out)
+    if shutil.which("readelf"):  # cross-check the reader against binutils where present
+        text = subprocess.run(["readelf", "-d", lib._name], capture_output=True, text=True, timeout=30).stdout
+        assert [line.split("[")[1].rstrip("]") for line in text.splitlines() if "(NEEDED)" in line] == \
+            _elf_dynamic_info(lib._name)[0]
+
+
+def test_default_build_refuses_openmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("SHARDWISE_CACHE_DIR", str(tmp_path))
+    with pytest.raises(build.KernelBuildError, match="without -fopenmp"):
+        build.build("cpu_adam_omp", build.CSRC_DIR / "cpu_adam.c", (*build.DEFAULT_FLAGS, "-fopenmp"))
+
+
+def test_kernel_calls_release_the_gil():
+    """Python code runs while another thread is inside the kernel (ctypes.CDLL releases the GIL, PyDLL would not).
+
+    One foreign call sweeps the same small tensor 512 times. Mid-sweep its first and last elements have been
+    updated a different number of times; a thread that can only run between foreign calls (GIL held during them)
+    never sees that, one that runs during the call sees it almost every time it looks.
+    """
+    lib = cpu_adam_mod._kernel()
+    assert isinstance(lib, ctypes.CDLL) and not isinstance(lib, ctypes.PyDLL)
+    assert not lib._func_flags_ & ctypes._FUNCFLAG_PYTHONAPI
+    n, k = 1 << 16, 512
+    p, g, m, v = torch.zeros(n), torch.ones(n), torch.zeros(n), torch.zeros(n)
+    ptrs = [array("Q", [t.data_ptr()] * k) for t in (p, g, m, v)]
+    numels = array("q", [n] * k)
+    args = (k, *(a.buffer_info()[0] for a in ptrs), None, numels.buffer_info()[0], 0, -1, 1, 1e-3, 0.9, 0.999, 1e-8,
+            0.0, 1, 1, 0, n * k)
+    mid_sweep = looks = 0
+    for _ in range(5):  # a busy machine may keep this thread off the CPU for one whole call, hardly for five
+        worker = threading.Thread(target=lambda: lib.sw_adam_multi(*args))
+        worker.start()
+        while worker.is_alive():
+            looks += 1
+            mid_sweep += float(p[0]) != float(p[-1])
+        worker.join()
+        assert float(p[0]) == float(p[-1])  # every sweep completed
+        if mid_sweep:
+            break
+    assert mid_sweep > 0, f"no Python ran during {looks} looks at the tensor while the kernel was running"
+
+
+def _adam_case(seed: int, n: int) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(n, generator=gen), torch.zeros(n), torch.zeros(n)
+
+
+def _steps(p, m, v, steps: int, seed: int) -> None:
+    """``steps`` kernel steps; after each, the fp32 copy written in the same pass must be complete and equal to
+    the param (so every span, including those run by pool threads, finished before the call returned)."""
+    gen = torch.Generator().manual_seed(10_000 + seed)
+    out = torch.empty_like(p)
+    for t in range(1, steps + 1):
+        g = torch.randn(p.numel(), generator=gen)
+        out.fill_(float("nan"))
+        adam_step_flat(p, g, m, v, step=t, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01,
+                       adamw_mode=True, bias_correction=True, lowp_out=out, backend="c")
+        if not torch.equal(out, p):
+            raise AssertionError(f"step {t}: {int(torch.isnan(out).sum())} elements not written when the call returned")
+
+
+def _kernel_threads_beside_gloo(callers: int, steps: int, n: int) -> dict:
+    """On each rank: gloo all-reduces in a background thread while ``callers`` Python threads step their own
+    tensors through the pooled kernel (spans forced small); then the same steps serially on one thread."""
+    import torch.distributed as dist
+
+    cpu_adam_mod.MIN_SPAN = 256  # every step splits and goes through the pool
+    torch.set_num_threads(2)
+    stop, reduced, errors = threading.Event(), [0], []
+
+    def collectives():
+        # x[0] carries "my callers are done": both ranks see the same sum, so both leave on the same iteration
+        x = torch.ones(1024)
+        while reduced[0] < 100_000:
+            x.fill_(1.0)
+            x[0] = float(stop.is_set())
+            dist.all_reduce(x)
+            if not torch.all(x[1:] == 2):
+                errors.append(AssertionError(f"all_reduce gave {x[1:].unique()} instead of 2"))
+                break
+            reduced[0] += 1
+            if x[0] == 2:
+                break
+
+    def caller(i):
+        try:
+            _steps(*states[i], steps, i)
+        except BaseException as exc:  # noqa: BLE001 - reported to the main thread
+            errors.append(exc)
+
+    states = [_adam_case(i, n) for i in range(callers)]
+    background = threading.Thread(target=collectives)
+    background.start()
+    t0 = time.monotonic()
+    threads = [threading.Thread(target=caller, args=(i,)) for i in range(callers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    elapsed = time.monotonic() - t0
+    stop.set()
+    background.join(30)
+    torch.set_num_threads(1)
+    serial = [_adam_case(i, n) for i in range(callers)]
+    for i, s in enumerate(serial):
+        _steps(*s, steps, i)
+    same = all(torch.equal(a, b) for st, se in zip(states, serial) for a, b in zip(st, se))
+    return {"errors": [repr(e) for e in errors], "same": same, "alive": [t.is_alive() for t in threads],
+            "reduced": reduced[0], "elapsed": elapsed}
+
+
+def test_pooled_kernel_beside_gloo_collectives_on_two_ranks():
+    results = run_ranks(_kernel_threads_beside_gloo, 3, 500, 16_384, timeout=60)
+    for rank, r in enumerate(results):
+        assert r["errors"] == [] and not any(r["alive"]), (rank, r)
+        assert r["same"], f"rank {rank}: threaded results differ from the serial run"
+        assert r["reduced"] > 0, f"rank {rank}: no collective ran beside the kernel"
+        assert r["elapsed"] < 20, r
 
 
 def test_many_tensors_one_call_equals_one_call_each():

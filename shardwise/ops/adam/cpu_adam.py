@@ -23,8 +23,10 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import threading
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
@@ -42,7 +44,8 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _D = ctypes.c_double
 _I = ctypes.c_int
-_HYPER_ARGTYPES = [_I, _I, _I64, _D, _D, _D, _D, _D, _I, _I, _I]
+# gdtype, odtype, step, lr, beta1, beta2, eps, weight_decay, adamw_mode, bias_correction, lo, hi
+_HYPER_ARGTYPES = [_I, _I, _I64, _D, _D, _D, _D, _D, _I, _I, _I64, _I64]
 
 _kernel_state: dict[str, object] = {}
 
@@ -54,7 +57,7 @@ def _kernel() -> ctypes.CDLL | None:
     lib = load_kernel(KERNEL_NAME)
     if lib is not None:
         lib.sw_adam_flat.restype = _I
-        lib.sw_adam_flat.argtypes = [_I64, _P, _P, _P, _P, _P, *_HYPER_ARGTYPES]
+        lib.sw_adam_flat.argtypes = [_P, _P, _P, _P, _P, *_HYPER_ARGTYPES]
         lib.sw_adam_multi.restype = _I
         lib.sw_adam_multi.argtypes = [_I64, _P, _P, _P, _P, _P, _P, *_HYPER_ARGTYPES]
         lib.sw_capabilities.restype = _I
@@ -62,7 +65,7 @@ def _kernel() -> ctypes.CDLL | None:
         if not caps & 1:
             _GRAD_CODES.pop(torch.float16, None)
             _OUT_CODES.pop(torch.float16, None)
-        logger.info("shardwise CPU Adam: using the C kernel (fp16=%s, openmp=%s)", bool(caps & 1), bool(caps & 2))
+        logger.info("shardwise CPU Adam: using the C kernel (fp16=%s)", bool(caps & 1))
     else:
         logger.warning("shardwise CPU Adam: using the torch fallback (torch._fused_adam(w)_)")
     _kernel_state["lib"] = lib
@@ -166,6 +169,95 @@ def adam_step_multi(
         _torch_adam(*zip(*rest), **hyper)
 
 
+# -- threading: spans of the flat range on a persistent pool -------------------------------------------------
+# [Note: CPU Adam threads] The kernel is single-threaded C without OpenMP (a second OpenMP runtime or
+# thread pool beside torch's and gloo's is a risk for no gain). Parallelism comes from here: the flat
+# element range is cut into torch.get_num_threads() contiguous spans, multiples of 16 elements (64
+# bytes) so no two threads write the same cache line, and each span is one foreign call. The calling
+# thread runs the first span itself and a persistent ThreadPoolExecutor runs the others. ctypes.CDLL
+# functions release the GIL for the duration of the call, so the spans truly run in parallel. Waking
+# a pool thread costs tens of microseconds, so a step is split only when every span has at least
+# MIN_SPAN elements (measured crossover: benchmarks/bench_cpu_adam.py --spans).
+MIN_SPAN = 1 << 17
+SPAN_ALIGN = 16  # elements: 64 bytes of fp32
+
+_pool_lock = threading.Lock()
+_pool: dict[str, ThreadPoolExecutor | int | None] = {"executor": None, "workers": 0}
+_worker_flag = threading.local()
+
+
+def _reset_pool_after_fork() -> None:
+    """A forked child has none of the parent's pool threads (and maybe a held lock): start afresh."""
+    global _pool_lock
+    _pool_lock = threading.Lock()
+    _pool.update(executor=None, workers=0)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reset_pool_after_fork)
+
+
+def _mark_worker() -> None:
+    _worker_flag.active = True
+
+
+def _executor(workers: int) -> ThreadPoolExecutor:
+    """The shared pool, grown to at least ``workers`` threads (created on first use)."""
+    ex = _pool["executor"]
+    if ex is not None and _pool["workers"] >= workers:
+        return ex  # type: ignore[return-value]
+    with _pool_lock:
+        ex = _pool["executor"]
+        if ex is None or _pool["workers"] < workers:  # type: ignore[operator]
+            old = ex
+            ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardwise-cpu-adam",
+                                    initializer=_mark_worker)
+            _pool.update(executor=ex, workers=workers)
+            if old is not None:
+                old.shutdown(wait=False)  # its queued spans still run; its threads then exit
+        return ex  # type: ignore[return-value]
+
+
+def split_spans(total: int, nthreads: int, min_span: int | None = None) -> list[tuple[int, int]]:
+    """Cut ``[0, total)`` into at most ``nthreads`` contiguous spans of about ``min_span`` (default
+    :data:`MIN_SPAN`) elements or more, every boundary a multiple of :data:`SPAN_ALIGN`; a single
+    span when splitting does not pay."""
+    n = min(nthreads, total // max(MIN_SPAN if min_span is None else min_span, 1))
+    if n <= 1:
+        return [(0, total)]
+    per = -(-total // n)
+    per = -(-per // SPAN_ALIGN) * SPAN_ALIGN
+    return [(lo, min(lo + per, total)) for lo in range(0, total, per)]
+
+
+def _call(fn: Callable[..., int], args: tuple, keep: object) -> int:
+    """Run one span; ``keep`` holds the tensors alive until the foreign call has returned."""
+    del keep
+    return fn(*args)
+
+
+def run_spans(fn: Callable[..., int], head: tuple, total: int, keep: object) -> int:
+    """Call ``fn(*head, lo, hi)`` over spans covering ``[0, total)``, in parallel when it pays.
+
+    Uses ``torch.get_num_threads()`` threads: the caller plus pool workers. Returns the first
+    non-zero return code, else 0. Always waits for every span, even when one raises.
+    """
+    nthreads = torch.get_num_threads()
+    if nthreads <= 1 or total < 2 * MIN_SPAN or getattr(_worker_flag, "active", False):
+        return fn(*head, 0, total)  # one thread: no pool at all (and never nested pool waits)
+    spans = split_spans(total, nthreads)
+    if len(spans) == 1:
+        return fn(*head, 0, total)
+    ex = _executor(len(spans) - 1)
+    futures = [ex.submit(_call, fn, (*head, lo, hi), keep) for lo, hi in spans[1:]]
+    rcs = []
+    try:
+        rcs.append(fn(*head, *spans[0]))
+    finally:
+        rcs.extend(f.result() for f in futures)
+    return next((rc for rc in rcs if rc), 0)
+
+
 def _ptrs(tensors) -> array:
     """Data pointers packed in a C array of uint64 (array.array is ~8x faster than ctypes arrays)."""
     return array("Q", [t.data_ptr() for t in tensors])
@@ -174,21 +266,22 @@ def _ptrs(tensors) -> array:
 def _run_kernel(lib: ctypes.CDLL, items: list, gcode: int, ocode: int, hyper: dict) -> None:
     h = hyper
     args = (gcode, ocode, h["step"], h["lr"], h["beta1"], h["beta2"], h["eps"], h["weight_decay"],
-            int(h["adamw_mode"]), int(h["bias_correction"]), torch.get_num_threads())
+            int(h["adamw_mode"]), int(h["bias_correction"]))
     if len(items) == 1:  # the ZeRO case: one flat partition, no pointer arrays to build
         p, g, m, v, o = items[0]
-        g = g.contiguous()
-        rc = lib.sw_adam_flat(p.numel(), p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
-                              None if o is None else o.data_ptr(), *args)
+        g = g.contiguous()  # a copy, if any, stays referenced by `keep` until every span is done
+        fn, total, keep = lib.sw_adam_flat, p.numel(), (p, g, m, v, o)
+        head = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), None if o is None else o.data_ptr())
     else:
         ps, gs, ms, vs, os_ = zip(*items)
-        gs = [g.contiguous() for g in gs]  # keeps any copies alive for the call
-        arrays = [_ptrs(ps), _ptrs(gs), _ptrs(ms), _ptrs(vs), _ptrs(os_) if ocode >= 0 else None,
-                  array("q", [p.numel() for p in ps])]
-        addrs = [None if a is None else a.buffer_info()[0] for a in arrays]
-        rc = lib.sw_adam_multi(len(items), *addrs, *args)
+        gs = [g.contiguous() for g in gs]
+        numels = array("q", [p.numel() for p in ps])
+        arrays = [_ptrs(ps), _ptrs(gs), _ptrs(ms), _ptrs(vs), _ptrs(os_) if ocode >= 0 else None, numels]
+        fn, total, keep = lib.sw_adam_multi, sum(numels), (items, gs, arrays)
+        head = (len(items), *(None if a is None else a.buffer_info()[0] for a in arrays))
+    rc = run_spans(fn, head + args, total, keep)
     if rc != 0:
-        raise RuntimeError(f"cpu_adam kernel rejected grad dtype code {gcode} / output code {ocode}")
+        raise RuntimeError(f"cpu_adam kernel rejected grad dtype code {gcode} / output code {ocode} (rc {rc})")
 
 
 def _torch_adam(params, grads, exp_avgs, exp_avg_sqs, outs, *, step, lr, beta1, beta2, eps, weight_decay,

@@ -1,5 +1,6 @@
 /*
- * shardwise CPU Adam kernel: one fused, vectorised, multi-threaded pass over fp32 tensors.
+ * shardwise CPU Adam kernel: one fused, vectorised, single-threaded pass over a range of fp32
+ * tensors.
  *
  * Each element is read once (param, grad, exp_avg, exp_avg_sq) and written once (param, exp_avg,
  * exp_avg_sq, and optionally a low-precision copy of the new param), so the step costs 28 bytes of
@@ -16,24 +17,26 @@
  * with l2 = 0 or keep = 1 when a mode is off: multiplying by exactly 1 or adding exactly 0 leaves
  * finite values bit-identical and removes a branch from the inner loop.
  *
- * Built at first use by shardwise/ops/build.py with `-O3 -march=native -fopenmp -fno-math-errno`;
- * gcc auto-vectorises the loops below (AVX-512/AVX2/NEON as the host has). No torch headers: the
+ * Built at first use by shardwise/ops/build.py with `-O3 -march=native -fno-math-errno`; gcc
+ * auto-vectorises the loops below (AVX-512/AVX2/NEON as the host has). No torch headers: the
  * Python side passes raw data pointers from contiguous tensors.
+ *
+ * Threads: none here. The library links only libc/libm, never an OpenMP runtime: torch already
+ * brings one (libgomp or libiomp) plus its own intra-op pool, gloo runs its own threads, and a
+ * second runtime or thread pool in the same process is a risk we do not need to take. The Python
+ * side (shardwise/ops/adam/cpu_adam.py) cuts the element range into cache-line aligned spans and
+ * runs one call per span on a persistent thread pool; ctypes releases the GIL during each call, so
+ * the spans run in parallel.
  */
+#if defined(_OPENMP)
+#error "cpu_adam.c must be built without -fopenmp: threading is done by the Python caller"
+#endif
 #include <math.h>
 #include <stdint.h>
 #include <string.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
 
 /* dtype codes shared with shardwise/ops/adam/cpu_adam.py */
 enum { SW_NONE = -1, SW_F32 = 0, SW_BF16 = 1, SW_F16 = 2 };
-
-/* Below this many elements a parallel region costs more than it saves (~2-5 us to wake threads). */
-#define SW_MIN_PARALLEL 32768
-/* Work is split on 64-byte (16 x fp32) boundaries so two threads never share a cache line. */
-#define SW_ALIGN 16
 
 #if defined(__FLT16_MAX__)
 #define SW_HAVE_F16 1
@@ -203,80 +206,61 @@ static void make_consts(sw_consts* c, int64_t step, double lr, double beta1, dou
     c->keep = adamw_mode ? (float)(1.0 - lr * weight_decay) : 1.0f;
 }
 
-/* Bit 0: fp16 grads/outputs supported. Bit 1: built with OpenMP. */
+/* Bit 0: fp16 grads/outputs supported. Bit 1 (built with OpenMP) is never set any more. */
 int sw_capabilities(void)
 {
-    int caps = SW_HAVE_F16 ? 1 : 0;
-#ifdef _OPENMP
-    caps |= 2;
-#endif
-    return caps;
+    return SW_HAVE_F16 ? 1 : 0;
 }
 
 /*
- * Update `ntensors` tensors as one logical flat range: the total element count is cut into
- * `nthreads` contiguous, cache-line aligned spans, and each thread walks the tensors its span
- * covers. Many small tensors therefore cost one parallel region, not one per tensor.
- * Returns 0 on success, -1 for an unsupported dtype pair.
+ * Update the flat element range [lo, hi) of `ntensors` tensors viewed as one logical array (tensor
+ * 0's elements, then tensor 1's, ...). The caller runs one call per thread on disjoint,
+ * cache-line aligned ranges; a range may start and end inside any tensor, so a list of many small
+ * tensors splits as evenly as one big tensor. Returns 0 on success, -1 for an unsupported dtype
+ * pair, -2 for a range outside [0, total].
  */
 int sw_adam_multi(int64_t ntensors, float* const* params, const void* const* grads,
                   float* const* exp_avgs, float* const* exp_avg_sqs, void* const* outs,
                   const int64_t* numels, int gdtype, int odtype, int64_t step, double lr,
                   double beta1, double beta2, double eps, double weight_decay, int adamw_mode,
-                  int bias_correction, int nthreads)
+                  int bias_correction, int64_t lo, int64_t hi)
 {
     range_fn fn = pick_range(gdtype, odtype);
     if (!fn) return -1;
+    if (lo < 0 || hi < lo) return -2;
     sw_consts c;
     make_consts(&c, step, lr, beta1, beta2, eps, weight_decay, adamw_mode, bias_correction);
-
-    int64_t total = 0;
-    for (int64_t t = 0; t < ntensors; ++t) total += numels[t];
-    if (total == 0) return 0;
-    int64_t max_threads = (total + SW_MIN_PARALLEL - 1) / SW_MIN_PARALLEL;
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > max_threads) nthreads = (int)max_threads;
     const size_t gsize = (gdtype == SW_F32) ? 4 : 2;
     const size_t osize = (odtype == SW_F32) ? 4 : 2;
 
-#pragma omp parallel num_threads(nthreads) if (nthreads > 1)
-    {
-        int tid = 0, nt = 1;
-#ifdef _OPENMP
-        tid = omp_get_thread_num();
-        nt = omp_get_num_threads();
-#endif
-        int64_t per = (total + nt - 1) / nt;
-        per = (per + SW_ALIGN - 1) / SW_ALIGN * SW_ALIGN;
-        int64_t lo = (int64_t)tid * per;
-        int64_t hi = lo + per < total ? lo + per : total;
-        int64_t base = 0; /* flat offset of tensor t */
-        for (int64_t t = 0; t < ntensors && lo < hi; ++t) {
-            int64_t n = numels[t];
-            if (base + n > lo) {
-                int64_t b = lo - base;
-                int64_t e = (hi - base) < n ? (hi - base) : n;
-                const char* g = (const char*)grads[t];
-                char* o = outs ? (char*)outs[t] : 0;
-                /* Offset every pointer to the span start so the kernel's loop starts at 0:
-                 * keeps the vectoriser's alignment peeling simple. */
-                fn(params[t] + b, g + (size_t)b * gsize, exp_avgs[t] + b, exp_avg_sqs[t] + b,
-                   o ? o + (size_t)b * osize : 0, 0, e - b, &c);
-                lo = base + e;
-            }
-            base += n;
+    int64_t base = 0; /* flat offset of tensor t */
+    for (int64_t t = 0; t < ntensors && lo < hi; ++t) {
+        int64_t n = numels[t];
+        if (base + n > lo) {
+            int64_t b = lo - base;
+            int64_t e = (hi - base) < n ? (hi - base) : n;
+            const char* g = (const char*)grads[t];
+            char* o = outs ? (char*)outs[t] : 0;
+            /* Offset every pointer to the span start so the kernel's loop starts at 0: keeps the
+             * vectoriser's alignment peeling simple. */
+            fn(params[t] + b, g + (size_t)b * gsize, exp_avgs[t] + b, exp_avg_sqs[t] + b,
+               o ? o + (size_t)b * osize : 0, 0, e - b, &c);
+            lo = base + e;
         }
+        base += n;
     }
-    return 0;
+    return lo < hi ? -2 : 0;
 }
 
-/* Single-tensor entry point: the common ZeRO case (one flat partition), without pointer arrays. */
-int sw_adam_flat(int64_t numel, float* param, const void* grad, float* exp_avg, float* exp_avg_sq,
-                 void* out, int gdtype, int odtype, int64_t step, double lr, double beta1,
-                 double beta2, double eps, double weight_decay, int adamw_mode,
-                 int bias_correction, int nthreads)
+/* Single-tensor entry point (the common ZeRO case: one flat partition), without pointer arrays:
+ * updates elements [lo, hi) of one tensor of any length >= hi. */
+int sw_adam_flat(float* param, const void* grad, float* exp_avg, float* exp_avg_sq, void* out,
+                 int gdtype, int odtype, int64_t step, double lr, double beta1, double beta2,
+                 double eps, double weight_decay, int adamw_mode, int bias_correction, int64_t lo,
+                 int64_t hi)
 {
+    int64_t numel = hi;
     return sw_adam_multi(1, &param, &grad, &exp_avg, &exp_avg_sq, out ? &out : 0, &numel, gdtype,
                          odtype, step, lr, beta1, beta2, eps, weight_decay, adamw_mode,
-                         bias_correction, nthreads);
+                         bias_correction, lo, hi);
 }
