@@ -14,6 +14,7 @@ import subprocess
 import threading
 import time
 from array import array
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -150,13 +151,21 @@ def test_lowp_out_is_the_rounded_updated_param(out_dtype, backend):
     assert torch.equal(out, p.to(out_dtype))
 
 
-@pytest.mark.parametrize("min_span", [None, 16], ids=["default-threshold", "split-everything"])
-def test_thread_count_does_not_change_results(min_span, monkeypatch):
-    if min_span is not None:  # spans then start and end inside tensors of every size, tails included
-        monkeypatch.setattr(cpu_adam_mod, "MIN_SPAN", min_span)
-    sizes = (2 * cpu_adam_mod.MIN_SPAN + 3, 7, 70_001, 16_384, 1)
+def _tiny_chunks(monkeypatch) -> None:
+    """Share every step with helpers, down to 16-element chunks at the end of each step. Up to 8 threads even on
+    fewer CPUs (the product caps threads at the CPU count; oversubscribed here only for coverage)."""
+    monkeypatch.setattr(cpu_adam_mod, "MIN_PARALLEL", 16)
+    monkeypatch.setattr(cpu_adam_mod, "MIN_CHUNK", 16)
+    monkeypatch.setattr(cpu_adam_mod, "_cpus", lambda: 8)
+
+
+@pytest.mark.parametrize("tiny_chunks", [False, True], ids=["default-threshold", "tiny-chunks"])
+def test_thread_count_does_not_change_results(tiny_chunks, monkeypatch):
+    if tiny_chunks:
+        _tiny_chunks(monkeypatch)
+    sizes = (cpu_adam_mod.MIN_PARALLEL + 2 * cpu_adam_mod.MIN_CHUNK + 3, 7, 70_001, 16_384, 1, 0, 33)
     results = []
-    for threads in (1, 2, 3):
+    for threads in (1, 2, 3, 5):
         torch.set_num_threads(threads)
         results.append(_run(lambda ps: CPUAdam(ps, lr=1e-2, weight_decay=0.1), steps=3, sizes=sizes))
     for other in results[1:]:
@@ -164,38 +173,138 @@ def test_thread_count_does_not_change_results(min_span, monkeypatch):
             assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("total", [0, 1, 17, 1000, 2**17, 2**18 + 5, 10**6 + 3])
-@pytest.mark.parametrize("nthreads", [1, 2, 3, 8])
-def test_split_spans_cover_the_range_on_cache_line_boundaries(total, nthreads):
-    spans = cpu_adam_mod.split_spans(total, nthreads, min_span=1000)
-    assert spans[0][0] == 0 and spans[-1][1] == total
-    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:])), spans
-    assert all(lo < hi for lo, hi in spans) or spans == [(0, 0)]
-    assert all(lo % cpu_adam_mod.SPAN_ALIGN == 0 for lo, _ in spans)
-    assert len(spans) <= max(1, min(nthreads, total // 1000))
+def test_every_element_is_updated_exactly_once_with_many_threads(monkeypatch):
+    """Each element's lowp_out copy is written by the pass that updated it; a missed element keeps its NaN, one
+    updated twice differs from the single-thread result."""
+    _tiny_chunks(monkeypatch)
+    sizes = [1, 15, 16, 17, 1000, 4099, 0, 40_000, 31]
+    kw = dict(step=3, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1, adamw_mode=True,
+              bias_correction=True)
+    results = []
+    for threads in (1, 4):
+        torch.set_num_threads(threads)
+        params, grads = _params(sizes=sizes), _grads(0, sizes, torch.bfloat16)
+        ms, vs = [torch.full_like(p, 0.1) for p in params], [torch.full_like(p, 0.2) for p in params]
+        outs = [torch.full_like(p, float("nan")) for p in params]
+        adam_step_multi(params, grads, ms, vs, lowp_outs=outs, backend="c", **kw)
+        assert all(torch.equal(o, p) for o, p in zip(outs, params))
+        results.append(params + ms + vs)
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+@pytest.mark.parametrize("helpers", [0, 1, 3])
+def test_team_chunks_meet_every_tensor_boundary(helpers, monkeypatch):
+    """sw_team_adam with nshares so large that every chunk is 16 elements: chunk edges then fall at every
+    alignment inside and at the ends of tensors of many sizes, and helpers (if any) grab chunks in between.
+    Every element is updated exactly once (same bits as the one-thread kernel) and written to lowp_out before
+    the call returns."""
+    monkeypatch.setattr(cpu_adam_mod, "_pool", {"executor": None, "workers": 0})  # a private pool
+    lib = cpu_adam_mod._kernel()
+    team = cpu_adam_mod._Team(lib)
+    sizes = [1, 15, 16, 17, 1000, 4099, 0, 31, 33, 47, 2, 64, 18]
+    hyper = (0, 0, 4, 1e-2, 0.9, 0.999, 1e-8, 0.1, 1, 1)  # fp32 grads, fp32 out, step 4, AdamW
+    for rep in range(3):
+        if helpers:
+            team.recruit(helpers)
+        case = [_params(rep, sizes), _grads(rep, sizes), [torch.full((n,), 0.1) for n in sizes],
+                [torch.full((n,), 0.2) for n in sizes]]
+        ref = [[t.clone() for t in ts] for ts in case]
+        outs = [torch.full((n,), float("nan")) for n in sizes]
+        numels = array("q", sizes)
+        arrays = [array("Q", [t.data_ptr() for t in ts]) for ts in (*case, outs)]
+        addrs = [a.buffer_info()[0] for a in arrays]
+        assert lib.sw_team_adam(team.state, len(sizes), *addrs, numels.buffer_info()[0], *hyper, 16, 1 << 30) == 0
+        assert all(torch.equal(o, p) for o, p in zip(outs, case[0])), "an element was not written by return"
+        ref_arrays = [array("Q", [t.data_ptr() for t in ts]) for ts in ref]  # one thread, no lowp copy
+        assert lib.sw_adam_multi(len(sizes), *(a.buffer_info()[0] for a in ref_arrays), None,
+                                 numels.buffer_info()[0], *hyper) == 0
+        for got, want in zip(case, ref):
+            assert all(torch.equal(a, b) for a, b in zip(got, want))
+    if cpu_adam_mod._pool["executor"] is not None:
+        cpu_adam_mod._pool["executor"].shutdown(wait=True)  # helpers leave after IDLE_NS without work
+
+
+def test_a_serving_helper_takes_chunks_and_the_step_is_complete_on_return(monkeypatch):
+    """Two long chunks, one per thread: a helper already serving takes one; when the call returns, both are
+    written. (A caller that does not wait for the helper's chunk is caught reliably by the 2-rank stress test
+    below, where the threads contend for the CPUs.)"""
+    monkeypatch.setattr(cpu_adam_mod, "_pool", {"executor": None, "workers": 0})
+    lib = cpu_adam_mod._kernel()
+    team = cpu_adam_mod._Team(lib)
+    n = 1 << 19
+    p, g, m, v = torch.rand(n), torch.rand(n), torch.zeros(n), torch.zeros(n)
+    out = torch.empty(n)
+    for step in range(1, 11):
+        out.fill_(float("nan"))
+        _wait_for(lambda: lib.sw_team_serving(team.state) == 0)  # the last helper left: the next starts afresh
+        team.recruit(1)
+        _wait_for(lambda: lib.sw_team_serving(team.state) == 1)  # ... and serves for IDLE_NS from now
+        assert lib.sw_team_adam_flat(team.state, n, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(),
+                                     out.data_ptr(), 0, 0, step, 1e-3, 0.9, 0.999, 1e-8, 0.0, 1, 1, n // 2, 2) == 0
+        missing = int(torch.isnan(out).sum())
+        assert missing == 0, f"step {step}: {missing} elements still unwritten when the call returned"
+    assert lib.sw_team_helped(team.state) > 0, "the helper never took a chunk: the test checked nothing"
+    cpu_adam_mod._pool["executor"].shutdown(wait=True)
+
+
+def _wait_for(condition, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
 
 
 def test_one_thread_or_small_steps_never_touch_the_pool(monkeypatch):
-    def no_pool(workers):
-        raise AssertionError("the thread pool must not be used here")
+    def no_team(lib):
+        raise AssertionError("the helper team must not be used here")
 
-    monkeypatch.setattr(cpu_adam_mod, "_executor", no_pool)
-    n = 4 * cpu_adam_mod.MIN_SPAN
+    monkeypatch.setattr(cpu_adam_mod, "_team", no_team)
+    n = 4 * cpu_adam_mod.MIN_PARALLEL
     kw = dict(step=1, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, adamw_mode=True,
               bias_correction=True)
     torch.set_num_threads(1)
     adam_step_flat(torch.zeros(n), torch.ones(n), torch.zeros(n), torch.zeros(n), **kw)
     torch.set_num_threads(2)
-    small = cpu_adam_mod.MIN_SPAN  # below two spans' worth: one direct call
+    small = cpu_adam_mod.MIN_PARALLEL - 1
     adam_step_flat(torch.zeros(small), torch.ones(small), torch.zeros(small), torch.zeros(small), **kw)
-    with pytest.raises(AssertionError, match="thread pool"):  # and the guard itself works
+    with pytest.raises(AssertionError, match="helper team"):  # and the guard itself works
         adam_step_flat(torch.zeros(n), torch.ones(n), torch.zeros(n), torch.zeros(n), **kw)
+
+
+def test_a_helper_that_never_starts_does_not_stall_the_step(monkeypatch):
+    """The caller does every chunk itself when no helper comes, and does not start a second helper per step."""
+    _tiny_chunks(monkeypatch)
+    monkeypatch.setattr(cpu_adam_mod, "_teams", {})  # a fresh team: no helper left over from other tests
+    release = threading.Event()
+    submitted = []
+
+    class Stuck(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):
+            submitted.append(fn)
+            return super().submit(fn, *args, **kwargs)
+
+    stuck = Stuck(max_workers=1)
+    ThreadPoolExecutor.submit(stuck, release.wait, 30)  # the only pool thread is busy elsewhere
+    monkeypatch.setattr(cpu_adam_mod, "_executor", lambda workers: stuck)
+    torch.set_num_threads(2)
+    try:
+        p, m, v = _adam_case(0, 50_000)
+        t0 = time.monotonic()
+        _steps(p, m, v, 3, 0)  # checks each step's output is complete when the call returns
+        assert time.monotonic() - t0 < 10
+        assert len(submitted) == 1, "the helper still on its way must be counted, not started again"
+    finally:
+        release.set()
+        stuck.shutdown(wait=True)  # the late helper serves, finds nothing to do, and leaves
+    torch.set_num_threads(1)
+    q, mq, vq = _adam_case(0, 50_000)
+    _steps(q, mq, vq, 3, 0)
+    assert torch.equal(p, q) and torch.equal(m, mq) and torch.equal(v, vq)
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_pool_is_rebuilt_in_a_forked_child(monkeypatch):
     """A forked child has no pool threads; without the at-fork reset its first split step would wait forever."""
-    monkeypatch.setattr(cpu_adam_mod, "MIN_SPAN", 256)
+    _tiny_chunks(monkeypatch)
     torch.set_num_threads(2)
     n = 4096  # small enough that torch's own ops in the child stay single-threaded
     p, m, v = _adam_case(0, n)
@@ -301,7 +410,7 @@ def test_kernel_calls_release_the_gil():
     ptrs = [array("Q", [t.data_ptr()] * k) for t in (p, g, m, v)]
     numels = array("q", [n] * k)
     args = (k, *(a.buffer_info()[0] for a in ptrs), None, numels.buffer_info()[0], 0, -1, 1, 1e-3, 0.9, 0.999, 1e-8,
-            0.0, 1, 1, 0, n * k)
+            0.0, 1, 1)
     mid_sweep = looks = 0
     for _ in range(5):  # a busy machine may keep this thread off the CPU for one whole call, hardly for five
         worker = threading.Thread(target=lambda: lib.sw_adam_multi(*args))
@@ -340,7 +449,7 @@ def _kernel_threads_beside_gloo(callers: int, steps: int, n: int) -> dict:
     tensors through the pooled kernel (spans forced small); then the same steps serially on one thread."""
     import torch.distributed as dist
 
-    cpu_adam_mod.MIN_SPAN = 256  # every step splits and goes through the pool
+    cpu_adam_mod.MIN_PARALLEL = cpu_adam_mod.MIN_CHUNK = 256  # every step is shared with a helper
     torch.set_num_threads(2)
     stop, reduced, errors = threading.Event(), [0], []
 

@@ -7,10 +7,13 @@ torch fallback (``torch._fused_adam(w)_``, or ``_foreach`` ops) when no compiler
 
 Why a kernel of our own: torch's fused CPU Adam is a good single-pass kernel, but it is one
 parallel region per tensor and leaves some memory bandwidth unused. The C kernel walks a list of
-tensors as one flat range split across threads, prefetches ahead of its four read streams, and can
+tensors as one flat range shared between threads, prefetches ahead of its four read streams, and can
 write a bf16/fp16 copy of the updated weight in the same pass, which the offload path needs to send
 the new weights back to the accelerator without a second sweep over memory. See
 ``benchmarks/bench_cpu_adam.py`` for the measured ratio against ``torch.optim.AdamW(fused=True)``.
+
+Threads: the kernel is built without OpenMP; large steps are shared with helper threads of a
+persistent ``ThreadPoolExecutor`` (see [Note: CPU Adam threads] below).
 
 Numerics match ``torch.optim.Adam``/``AdamW``: eps is added after the square root of the
 bias-corrected second moment (``denom = sqrt(v) / sqrt(1 - beta2^t) + eps``), bias corrections are
@@ -25,7 +28,7 @@ import logging
 import os
 import threading
 from array import array
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
@@ -44,10 +47,32 @@ _P = ctypes.c_void_p
 _I64 = ctypes.c_int64
 _D = ctypes.c_double
 _I = ctypes.c_int
-# gdtype, odtype, step, lr, beta1, beta2, eps, weight_decay, adamw_mode, bias_correction, lo, hi
-_HYPER_ARGTYPES = [_I, _I, _I64, _D, _D, _D, _D, _D, _I, _I, _I64, _I64]
+# gdtype, odtype, step, lr, beta1, beta2, eps, weight_decay, adamw_mode, bias_correction
+_HYPER_ARGTYPES = [_I, _I, _I64, _D, _D, _D, _D, _D, _I, _I]
 
 _kernel_state: dict[str, object] = {}
+
+
+_SIGNATURES: dict[str, tuple[type | None, list]] = {
+    "sw_capabilities": (_I, []),
+    "sw_adam_flat": (_I, [_I64, _P, _P, _P, _P, _P, *_HYPER_ARGTYPES]),
+    "sw_adam_multi": (_I, [_I64, _P, _P, _P, _P, _P, _P, *_HYPER_ARGTYPES]),
+    # team: state, then the same arguments as above, then min_chunk and nshares
+    "sw_team_adam_flat": (_I, [_P, _I64, _P, _P, _P, _P, _P, *_HYPER_ARGTYPES, _I64, _I64]),
+    "sw_team_adam": (_I, [_P, _I64, _P, _P, _P, _P, _P, _P, *_HYPER_ARGTYPES, _I64, _I64]),
+    "sw_team_size": (_I64, []),
+    "sw_team_init": (None, [_P]),
+    "sw_team_recruit": (_I64, [_P, _I64]),
+    "sw_team_serve": (_I, [_P, _I64]),
+    "sw_team_serving": (_I64, [_P]),
+    "sw_team_helped": (_I64, [_P]),
+}
+
+
+def _declare(lib: ctypes.CDLL) -> None:
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        fn = getattr(lib, name)
+        fn.restype, fn.argtypes = restype, argtypes
 
 
 def _kernel() -> ctypes.CDLL | None:
@@ -56,11 +81,7 @@ def _kernel() -> ctypes.CDLL | None:
         return _kernel_state["lib"]  # type: ignore[return-value]
     lib = load_kernel(KERNEL_NAME)
     if lib is not None:
-        lib.sw_adam_flat.restype = _I
-        lib.sw_adam_flat.argtypes = [_P, _P, _P, _P, _P, *_HYPER_ARGTYPES]
-        lib.sw_adam_multi.restype = _I
-        lib.sw_adam_multi.argtypes = [_I64, _P, _P, _P, _P, _P, _P, *_HYPER_ARGTYPES]
-        lib.sw_capabilities.restype = _I
+        _declare(lib)
         caps = lib.sw_capabilities()
         if not caps & 1:
             _GRAD_CODES.pop(torch.float16, None)
@@ -169,93 +190,112 @@ def adam_step_multi(
         _torch_adam(*zip(*rest), **hyper)
 
 
-# -- threading: spans of the flat range on a persistent pool -------------------------------------------------
-# [Note: CPU Adam threads] The kernel is single-threaded C without OpenMP (a second OpenMP runtime or
-# thread pool beside torch's and gloo's is a risk for no gain). Parallelism comes from here: the flat
-# element range is cut into torch.get_num_threads() contiguous spans, multiples of 16 elements (64
-# bytes) so no two threads write the same cache line, and each span is one foreign call. The calling
-# thread runs the first span itself and a persistent ThreadPoolExecutor runs the others. ctypes.CDLL
-# functions release the GIL for the duration of the call, so the spans truly run in parallel. Waking
-# a pool thread costs tens of microseconds, so a step is split only when every span has at least
-# MIN_SPAN elements (measured crossover: benchmarks/bench_cpu_adam.py --spans).
-MIN_SPAN = 1 << 17
-SPAN_ALIGN = 16  # elements: 64 bytes of fp32
+# -- threading: helpers from a persistent pool, handed steps through shared memory ----------------------------
+# [Note: CPU Adam threads] The kernel is C without OpenMP (a second OpenMP runtime beside torch's, next to
+# gloo's threads, is a risk for no gain), and it creates no thread. Parallelism comes from here: a step of at
+# least MIN_PARALLEL elements is shared by the calling thread and torch.get_num_threads() - 1 helper threads
+# of a persistent ThreadPoolExecutor. A helper runs sw_team_serve() (ctypes.CDLL: the GIL is released for
+# the whole call), which takes part in every step published while it waits and returns after IDLE_NS without
+# one; the caller's sw_team_adam() claims contiguous, cache-line aligned chunks along with the helpers and
+# returns once all are done (protocol: [Note: CPU Adam team] in cpu_adam.c). Handing a step over through a
+# queue or a Future instead costs 30-90 us per wake-up on this VM, as much as the whole gain at 1M elements;
+# a step published while no helper serves is done by the caller alone, helped by any that arrives late.
+MIN_PARALLEL = 1 << 17
+MIN_CHUNK = 1 << 14
+IDLE_NS = 200_000  # a helper waits (spinning) this long for the next step before going back to the pool
 
 _pool_lock = threading.Lock()
 _pool: dict[str, ThreadPoolExecutor | int | None] = {"executor": None, "workers": 0}
-_worker_flag = threading.local()
+_teams: dict[int, _Team] = {}
 
 
-def _reset_pool_after_fork() -> None:
+def _reset_after_fork() -> None:
     """A forked child has none of the parent's pool threads (and maybe a held lock): start afresh."""
     global _pool_lock
     _pool_lock = threading.Lock()
+    _pool.clear()
     _pool.update(executor=None, workers=0)
+    _teams.clear()
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_reset_pool_after_fork)
-
-
-def _mark_worker() -> None:
-    _worker_flag.active = True
+    os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _executor(workers: int) -> ThreadPoolExecutor:
     """The shared pool, grown to at least ``workers`` threads (created on first use)."""
     ex = _pool["executor"]
-    if ex is not None and _pool["workers"] >= workers:
+    if ex is not None and _pool["workers"] >= workers:  # type: ignore[operator]
         return ex  # type: ignore[return-value]
     with _pool_lock:
         ex = _pool["executor"]
         if ex is None or _pool["workers"] < workers:  # type: ignore[operator]
             old = ex
-            ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardwise-cpu-adam",
-                                    initializer=_mark_worker)
+            ex = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shardwise-cpu-adam")
             _pool.update(executor=ex, workers=workers)
             if old is not None:
-                old.shutdown(wait=False)  # its queued spans still run; its threads then exit
+                old.shutdown(wait=False)  # its helpers finish serving, then its threads exit
         return ex  # type: ignore[return-value]
 
 
-def split_spans(total: int, nthreads: int, min_span: int | None = None) -> list[tuple[int, int]]:
-    """Cut ``[0, total)`` into at most ``nthreads`` contiguous spans of about ``min_span`` (default
-    :data:`MIN_SPAN`) elements or more, every boundary a multiple of :data:`SPAN_ALIGN`; a single
-    span when splitting does not pay."""
-    n = min(nthreads, total // max(MIN_SPAN if min_span is None else min_span, 1))
-    if n <= 1:
-        return [(0, total)]
-    per = -(-total // n)
-    per = -(-per // SPAN_ALIGN) * SPAN_ALIGN
-    return [(lo, min(lo + per, total)) for lo in range(0, total, per)]
+class _Team:
+    """This process's helper team: the C state, and a lock so that one caller at a time uses it."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        self.lib = lib
+        self.state = (ctypes.c_int64 * ((lib.sw_team_size() + 7) // 8))()  # 8-byte aligned for the atomics
+        lib.sw_team_init(self.state)
+        self.lock = threading.Lock()
+
+    def serve(self) -> int:
+        """Pool-thread task; running as a bound method keeps ``state`` alive while a helper uses it."""
+        return self.lib.sw_team_serve(self.state, IDLE_NS)
+
+    def recruit(self, helpers: int) -> None:
+        """Make sure ``helpers`` helpers are serving or on their way (extra ones leave by themselves)."""
+        missing = self.lib.sw_team_recruit(self.state, helpers)
+        if missing > 0:
+            ex = _executor(helpers)
+            for _ in range(missing):
+                ex.submit(self.serve)
 
 
-def _call(fn: Callable[..., int], args: tuple, keep: object) -> int:
-    """Run one span; ``keep`` holds the tensors alive until the foreign call has returned."""
-    del keep
-    return fn(*args)
+def _team(lib: ctypes.CDLL) -> _Team:
+    team = _teams.get(id(lib))
+    if team is None:
+        with _pool_lock:
+            team = _teams.setdefault(id(lib), _Team(lib))
+    return team
 
 
-def run_spans(fn: Callable[..., int], head: tuple, total: int, keep: object) -> int:
-    """Call ``fn(*head, lo, hi)`` over spans covering ``[0, total)``, in parallel when it pays.
+def _cpus() -> int:
+    """CPUs this process may run on: helpers spin while they wait, so never more threads than CPUs."""
+    if "cpus" not in _pool:
+        try:
+            _pool["cpus"] = len(os.sched_getaffinity(0))
+        except (AttributeError, OSError):
+            _pool["cpus"] = os.cpu_count() or 1
+    return _pool["cpus"]  # type: ignore[return-value]
 
-    Uses ``torch.get_num_threads()`` threads: the caller plus pool workers. Returns the first
-    non-zero return code, else 0. Always waits for every span, even when one raises.
+
+def run_step(lib: ctypes.CDLL, flat: bool, head: tuple, total: int) -> int:
+    """Run one kernel step of ``total`` elements (``head``: the sw_adam_flat/multi arguments).
+
+    Uses ``torch.get_num_threads()`` threads, at most one per CPU the process may run on; the
+    calling thread alone when that is 1, when the step is below :data:`MIN_PARALLEL`, or when
+    another thread is using the team right now. Returns the kernel's return code.
     """
-    nthreads = torch.get_num_threads()
-    if nthreads <= 1 or total < 2 * MIN_SPAN or getattr(_worker_flag, "active", False):
-        return fn(*head, 0, total)  # one thread: no pool at all (and never nested pool waits)
-    spans = split_spans(total, nthreads)
-    if len(spans) == 1:
-        return fn(*head, 0, total)
-    ex = _executor(len(spans) - 1)
-    futures = [ex.submit(_call, fn, (*head, lo, hi), keep) for lo, hi in spans[1:]]
-    rcs = []
-    try:
-        rcs.append(fn(*head, *spans[0]))
-    finally:
-        rcs.extend(f.result() for f in futures)
-    return next((rc for rc in rcs if rc), 0)
+    nthreads = min(torch.get_num_threads(), _cpus())
+    if nthreads > 1 and total >= MIN_PARALLEL:
+        team = _team(lib)
+        if team.lock.acquire(blocking=False):
+            try:
+                team.recruit(nthreads - 1)
+                fn = lib.sw_team_adam_flat if flat else lib.sw_team_adam
+                return fn(team.state, *head, MIN_CHUNK, nthreads)
+            finally:
+                team.lock.release()
+    return (lib.sw_adam_flat if flat else lib.sw_adam_multi)(*head)
 
 
 def _ptrs(tensors) -> array:
@@ -269,17 +309,17 @@ def _run_kernel(lib: ctypes.CDLL, items: list, gcode: int, ocode: int, hyper: di
             int(h["adamw_mode"]), int(h["bias_correction"]))
     if len(items) == 1:  # the ZeRO case: one flat partition, no pointer arrays to build
         p, g, m, v, o = items[0]
-        g = g.contiguous()  # a copy, if any, stays referenced by `keep` until every span is done
-        fn, total, keep = lib.sw_adam_flat, p.numel(), (p, g, m, v, o)
-        head = (p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), None if o is None else o.data_ptr())
+        g = g.contiguous()
+        flat, total = True, p.numel()
+        head = (total, p.data_ptr(), g.data_ptr(), m.data_ptr(), v.data_ptr(), None if o is None else o.data_ptr())
     else:
         ps, gs, ms, vs, os_ = zip(*items)
         gs = [g.contiguous() for g in gs]
         numels = array("q", [p.numel() for p in ps])
         arrays = [_ptrs(ps), _ptrs(gs), _ptrs(ms), _ptrs(vs), _ptrs(os_) if ocode >= 0 else None, numels]
-        fn, total, keep = lib.sw_adam_multi, sum(numels), (items, gs, arrays)
+        flat, total = False, sum(numels)
         head = (len(items), *(None if a is None else a.buffer_info()[0] for a in arrays))
-    rc = run_spans(fn, head + args, total, keep)
+    rc = run_step(lib, flat, head + args, total)  # returns only when every thread is done with the tensors
     if rc != 0:
         raise RuntimeError(f"cpu_adam kernel rejected grad dtype code {gcode} / output code {ocode} (rc {rc})")
 
