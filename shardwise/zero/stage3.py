@@ -175,9 +175,7 @@ class Stage3Strategy:
                                          int(zero_config.sub_group_size), self._io_pool)
         else:
             self.optimizer = FlatOptimizer(basic, self.groups, policy, group)
-        prefetch = int(zero_config.stage3_prefetch_bucket_size)
-        reuse = int(zero_config.stage3_max_reuse_distance) if "stage3_max_reuse_distance" in explicit else prefetch
-        self.trace = FetchTrace(prefetch, int(zero_config.stage3_max_live_parameters), reuse)
+        self.trace = FetchTrace(*self._prefetch_limits(zero_config, explicit))
         self.module_units: dict[nn.Module, list[ParamUnit]] = {}
         for name, m in module.named_modules():
             units = list(owned.get(m, [])) + [u for u in self._direct_units(m) if not self._inside(name, u)]
@@ -207,6 +205,20 @@ class Stage3Strategy:
         """Whether ``module_name`` lies in the subtree that fetches ``unit`` (its root or a descendant)."""
         root = self._unit_root[unit.uid]
         return root == "" or module_name == root or module_name.startswith(root + ".")
+
+    def _prefetch_limits(self, zc: Any, explicit: dict[str, Any]) -> tuple[int, int, int]:
+        """(prefetch bucket, max live, reuse distance) in elements: the config's values where given, else sized
+        from the units. DeepSpeed's defaults (5e7 / 1e9 / 1e9) keep every unit of a model below a billion
+        parameters gathered for the whole step, so ZeRO-3 saves no parameter memory; ours prefetch the next unit
+        or two and keep a unit only when it is needed again within one unit's worth of fetches (the last block at
+        the forward/backward turnaround)."""
+        largest = max((u.numel for u in self.units), default=0)
+
+        def pick(key: str, default: int) -> int:
+            return int(getattr(zc, key)) if key in explicit else default
+
+        return (pick("stage3_prefetch_bucket_size", 2 * largest), pick("stage3_max_live_parameters", 10**18),
+                pick("stage3_max_reuse_distance", largest))
 
     def _direct_units(self, m: nn.Module) -> list[ParamUnit]:
         units: list[ParamUnit] = []
@@ -388,6 +400,7 @@ class Stage3Strategy:
     def optimizer_step(self) -> None:
         """Step the fp32 masters, cast them into the shards, refresh persistent units."""
         self.optimizer.step()
+
 
     def publish_weights(self) -> None:
         """Shards from the fp32 masters (after they were written, e.g. by a load); gathered units re-gather,
