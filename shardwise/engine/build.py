@@ -38,11 +38,16 @@ class EngineBuildError(ValueError):
 
 def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimizer: Any = None,
                  model_parameters: Iterable | None = None, lr_scheduler: Any = None, training_data: Any = None,
-                 collate_fn: Callable | None = None, engine_cls: type[Engine] = Engine) -> Engine:
-    """Assemble an ``Engine`` (or ``engine_cls``, e.g. the pipeline engine; see the module docstring)."""
+                 collate_fn: Callable | None = None, engine_cls: type[Engine] = Engine,
+                 default_grad_accum_dtype: str | None = None) -> Engine:
+    """Assemble an ``Engine`` (or ``engine_cls``, e.g. the pipeline engine; see the module docstring).
+
+    ``default_grad_accum_dtype`` applies when the config leaves ``data_types.grad_accum_dtype`` unset (the pipeline
+    engine passes ``"fp32"``: bf16 pipelines use the BF16 optimizer, as in DeepSpeed).
+    """
     _cast_and_place(module, model_dtype(config))
     basic = _build_basic_optimizer(module, config, optimizer, model_parameters)
-    strategy = _build_strategy(module, config, topology, basic) if basic is not None else None
+    strategy = _build_strategy(module, config, topology, basic, default_grad_accum_dtype) if basic is not None else None
     _broadcast_from_first_replica(module, strategy, topology)
     scheduler = _build_scheduler(config, lr_scheduler, basic)
     loader = None
@@ -117,15 +122,19 @@ def _is_cpu_adam(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, CPUAdam)
 
 
-def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: torch.optim.Optimizer):
+def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: torch.optim.Optimizer,
+                    default_accum: str | None = None):
     zc = config.zero_optimization
     # the parameters' actual dtype (the config's, or float64 for a double-precision model)
     dtype = next((p.dtype for p in module.parameters() if p.requires_grad), model_dtype(config))
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
     explicit = config.raw.get("zero_optimization", {}) if isinstance(config.raw, dict) else {}
     bucket = default_bucket_numel(trainable, zc.reduce_bucket_size if "reduce_bucket_size" in explicit else None)
-    accum = config.data_types.grad_accum_dtype
-    bf16_optimizer = config.bf16.enabled and (zc.stage == 0 or (zc.stage == 1 and accum == "fp32"))
+    accum = config.data_types.grad_accum_dtype or (default_accum if config.bf16.enabled else None)
+    # the BF16 optimizer (ZeRO-1 with fp32 gradient accumulation) serves bf16 at stage 0 or 1 when fp32
+    # accumulation is asked for; plain bf16 at stage 0 is DeepSpeed 0.19's data parallelism (bf16 gradients
+    # all-reduced, a full fp32 master per rank)
+    bf16_optimizer = config.bf16.enabled and zc.stage in (0, 1) and accum == "fp32"
     overlap = zc.overlap_comm if "overlap_comm" in explicit else True
     policy = make_policy(
         zc.stage, dtype, grad_accum_dtype=accum, bf16_optimizer=bf16_optimizer, overlap_comm=overlap,

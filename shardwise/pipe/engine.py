@@ -347,4 +347,4 @@ def build_pipeline_engine(*, module: nn.Module, config: Any, topology: Topology,
         module.activation_checkpoint_func = _non_reentrant_checkpoint()
     return build_engine(module=module, config=config, topology=topology, optimizer=optimizer,
                         model_parameters=model_parameters, lr_scheduler=lr_scheduler, training_data=training_data,
-                        collate_fn=collate_fn, engine_cls=PipelineEngine)
+                        collate_fn=collate_fn, engine_cls=PipelineEngine, default_grad_accum_dtype="fp32")

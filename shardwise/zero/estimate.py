@@ -7,8 +7,8 @@ size, a ZeRO stage, a precision and an offload choice, from the engine's own sto
 layout (P params, N ranks)  parameters      gradients                    fp32 master     optimizer state
 ==========================  ==============  ===========================  ==============  ==================
 stage 0, fp32               4P              4P                           none            kP
-stage 0, fp16               2P              2P                           4P              kP
-stage 0, bf16 (BF16 opt.)   2P              4P + 4P/N (fp32)             4P/N            kP/N
+stage 0, fp16 / bf16        2P              2P                           4P              kP
+stage 0, bf16 + fp32 accum  2P              4P + 4P/N (fp32)             4P/N            kP/N   (BF16 optimizer)
 stage 1                     bP              aP + aP/N                    4P/N            kP/N
 stage 2                     bP              aP/N                         4P/N            kP/N
 stage 3                     bP/N (+ hpZ)    aP/N                         4P/N            kP/N
@@ -97,8 +97,8 @@ def estimate_model_states(total_params: int, world_size: int, stage: int, precis
     p, n = total_params, world_size
     b = _bytes_of(precision, "precision")
     k = _state_bytes(optimizer)
-    bf16_optimizer = precision == "bf16" and stage == 0
-    a = _bytes_of(grad_accum_dtype or ("fp32" if bf16_optimizer else precision), "grad_accum_dtype")
+    bf16_optimizer = precision == "bf16" and stage == 0 and grad_accum_dtype == "fp32"
+    a = _bytes_of(grad_accum_dtype or precision, "grad_accum_dtype")
     working = 0
     if stage == 0 and not bf16_optimizer:
         master = 0 if precision == "fp32" and not offload_optimizer else 4 * p

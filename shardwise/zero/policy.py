@@ -7,7 +7,7 @@ choice of where gradients accumulate, when they are reduced, and whether state i
 stage              partitioned  gradient storage     reduced              collective
 =================  ===========  ===================  ===================  ===========================
 0, fp32            no           full, param dtype    at the boundary      all-reduce
-0, fp16            no           full, fp32 master    at the boundary      all-reduce
+0, bf16/fp16       no           full, fp32 master    at the boundary      all-reduce
 BF16 optimizer     yes          full, fp32           at the boundary      reduce-scatter + all-gather
 1                  yes          full, accum dtype    at the boundary      reduce-scatter + all-gather
 2                  yes          own partition only   every micro-step     reduce-scatter + all-gather

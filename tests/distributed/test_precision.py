@@ -99,11 +99,12 @@ def test_loss_curve_tracks_fp32_reference(stage: int, precision: str) -> None:
 
 
 @pytest.mark.parametrize("stage,accum,expect", [
-    (0, None, "BF16 optimizer"), (1, None, "ZeRO-1"), (1, "fp32", "BF16 optimizer"), (2, "fp32", "ZeRO-2")])
+    (0, None, "data parallel"), (0, "fp32", "BF16 optimizer"), (1, None, "ZeRO-1"), (1, "fp32", "BF16 optimizer"),
+    (2, "fp32", "ZeRO-2")])
 def test_grad_accum_dtype_and_bf16_optimizer(stage: int, accum: str | None, expect: str) -> None:
-    """bf16 + accumulation 2: the BF16 optimizer serves stage 0 and stage 1 with fp32 accumulation (DeepSpeed's rule
-    for stage 1; see docs/zero.md for stage 0), gradients live in the requested dtype, and training tracks the
-    reference."""
+    """bf16 + accumulation 2: the BF16 optimizer serves stages 0 and 1 with fp32 accumulation (DeepSpeed's rule for
+    stage 1); plain bf16 at stage 0 is data parallelism with bf16 gradients and a full fp32 master (DeepSpeed
+    0.19.8); gradients live in the requested dtype, and training tracks the reference."""
     extra = {"data_types": {"grad_accum_dtype": accum}} if accum else {}
     results = run_ranks(_train_curve, _config(stage, "bf16", gas=2, **extra), 2, 20)
     ref = _reference_curve(2, 20)
@@ -112,7 +113,8 @@ def test_grad_accum_dtype_and_bf16_optimizer(stage: int, accum: str | None, expe
     fp32_grads = expect == "BF16 optimizer" or accum == "fp32"
     assert r["grad_dtype"] == ("torch.float32" if fp32_grads else "torch.bfloat16")
     param_bytes = r["memory"]["parameters"]  # bf16: 2 bytes per (padded) element
-    grad_elems_per_param = {0: 1.5, 1: 1.5, 2: 0.5}[stage]  # full buffer + partition, or the partition only
+    # full buffer + partition, the full buffer only (unpartitioned data parallel), or the partition only
+    grad_elems_per_param = 1.0 if expect == "data parallel" else {0: 1.5, 1: 1.5, 2: 0.5}[stage]
     assert r["memory"]["gradients"] == param_bytes // 2 * grad_elems_per_param * (4 if fp32_grads else 2)
     rel = [abs(a - b) / b for a, b in zip(r["losses"], ref)]
     assert max(rel) <= CURVE_RTOL["bf16"]

@@ -26,7 +26,7 @@ P, N = 1_000_000_000, 8
 @pytest.mark.parametrize("stage,precision,expected", [
     (0, "fp32", 16 * P),  # DDP with Adam: 4 + 4 + 8
     (0, "fp16", 16 * P),  # 2 + 2 + 4 (full master) + 8
-    (0, "bf16", 2 * P + 4 * P + 16 * P // N),  # BF16 optimizer: fp32 grads + partitioned master/state
+    (0, "bf16", 16 * P),  # DeepSpeed 0.19's stage-0 bf16: bf16 grads + a full fp32 master
     (1, "bf16", 2 * P + 2 * P + 14 * P // N),
     (2, "bf16", 2 * P + 14 * P // N),  # the ZeRO paper's 2P + (2P + 12P)/N
     (3, "bf16", 16 * P // N),
@@ -37,6 +37,12 @@ def test_device_totals(stage: int, precision: str, expected: int) -> None:
     e = estimate_model_states(P, N, stage, precision)
     assert e.device_total == expected
     assert e.host == 0 and e.total == expected
+
+
+def test_bf16_optimizer_total() -> None:
+    """bf16 at stage 0 with fp32 accumulation is the BF16 optimizer: fp32 grads + partitioned master/state."""
+    e = estimate_model_states(P, N, 0, "bf16", grad_accum_dtype="fp32")
+    assert e.device_total == 2 * P + 4 * P + 16 * P // N
 
 
 def test_per_kind_breakdown_stage2_bf16() -> None:
