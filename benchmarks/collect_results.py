@@ -13,6 +13,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "RESULTS.md"
 SECTIONS = [  # (heading, results file, the command that produces it)
+    ("Collectives on gloo", "collectives.md", "python benchmarks/bench_collectives.py"),
     ("CPU Adam", "cpu_adam.md", "python benchmarks/bench_cpu_adam.py"),
     ("ZeRO-3 memory and ZeRO++ communication", "zero3.md", "python benchmarks/bench_zero3.py"),
     ("Checkpoints", "checkpoint.md", "python benchmarks/bench_checkpoint.py"),

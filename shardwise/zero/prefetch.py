@@ -48,22 +48,25 @@ class FetchTrace:
         self.invalidations += 1
 
     def upcoming(self, live_numel: int, is_gathered: Callable[[Any], bool]) -> list[Any]:
-        """Units to gather now, in order: the next ones in the trace within the prefetch and live budgets."""
+        """Units to gather now, in order: those not gathered yet among the distinct units that start within
+        ``bucket_numel`` elements of the cursor (gathered ones count towards that distance too, so the window
+        never reaches past it), within the live budget."""
         if not self._valid:
             return []
-        out, budget, seen = [], 0, set()
+        out, ahead, new, seen = [], 0, 0, set()
         for unit in self.recorded[self._cursor :]:
             if id(unit) in seen:
                 continue
             seen.add(id(unit))
+            if ahead >= self.bucket_numel:
+                break
+            ahead += unit.numel
             if is_gathered(unit):
                 continue
-            if budget + unit.numel > self.bucket_numel and out:
-                break
-            if live_numel + budget + unit.numel > self.max_live_numel:
+            if live_numel + new + unit.numel > self.max_live_numel:
                 break
             out.append(unit)
-            budget += unit.numel
+            new += unit.numel
         return out
 
     def lookahead(self, count: int) -> list[Any]:

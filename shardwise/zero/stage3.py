@@ -210,14 +210,15 @@ class Stage3Strategy:
         """(prefetch bucket, max live, reuse distance) in elements: the config's values where given, else sized
         from the units. DeepSpeed's defaults (5e7 / 1e9 / 1e9) keep every unit of a model below a billion
         parameters gathered for the whole step, so ZeRO-3 saves no parameter memory; ours prefetch the next unit
-        or two and keep a unit only when it is needed again within one unit's worth of fetches (the last block at
-        the forward/backward turnaround)."""
+        (as FSDP2 does; one unit's gather is much shorter than its compute) and keep a unit only when it is
+        needed again within that window (the last block at the forward/backward turnaround), so that at most
+        two units are gathered at a time."""
         largest = max((u.numel for u in self.units), default=0)
 
         def pick(key: str, default: int) -> int:
             return int(getattr(zc, key)) if key in explicit else default
 
-        return (pick("stage3_prefetch_bucket_size", 2 * largest), pick("stage3_max_live_parameters", 10**18),
+        return (pick("stage3_prefetch_bucket_size", largest), pick("stage3_max_live_parameters", 10**18),
                 pick("stage3_max_reuse_distance", largest))
 
     def _direct_units(self, m: nn.Module) -> list[ParamUnit]:
@@ -263,7 +264,9 @@ class Stage3Strategy:
             self.internal -= 1
 
     def _fetch(self, units: list[ParamUnit]) -> None:
-        recording = torch.is_grad_enabled() and self.module.training
+        # backward runs with grad mode off: the engine's begin/end_backward mark it, so backward fetches are
+        # recorded (and prefetched) too
+        recording = self.module.training and (torch.is_grad_enabled() or self._in_backward)
         if recording:
             for u in units:
                 self.trace.on_fetch(u)

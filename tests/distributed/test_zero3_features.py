@@ -134,3 +134,51 @@ def test_zero3_prefetch_follows_changing_branches() -> None:
     results = run_ranks(_train, OPTIONS["all-sharded"], world_size=2)
     _check(results)
     assert results[0][2]["trace_invalidations"] >= 1
+
+
+def _backward_gathers() -> dict:
+    """Each all-gather a 4-layer ZeRO-3 model starts per step: (in backward, asynchronous, units gathered then)."""
+    from shardwise.zero import unit as unit_mod
+
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(WIDTH, WIDTH) for _ in range(4)])
+    cfg = {"train_micro_batch_size_per_gpu": 4,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-2}},
+           "zero_optimization": {"stage": 3, "stage3_module_granularity_threshold": 0,
+                                 "stage3_param_persistence_threshold": 0}}
+    engine, *_ = shardwise.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+    strategy = engine.strategy
+    started: list[tuple[bool, bool, int]] = []
+    original = unit_mod.ParamUnit.gather
+
+    def spy(self, async_op: bool = True) -> None:
+        if self.state is unit_mod.UnitState.SHARDED:
+            live = sum(u.state is not unit_mod.UnitState.SHARDED for u in strategy.units) + 1
+            started.append((strategy._in_backward, async_op, live))
+        original(self, async_op)
+
+    unit_mod.ParamUnit.gather = spy
+    per_step = []
+    for _ in range(3):
+        started.clear()
+        loss = engine(torch.randn(4, WIDTH)).square().mean()
+        engine.backward(loss)
+        engine.step()
+        per_step.append(list(started))
+    unit_mod.ParamUnit.gather = original
+    return {"per_step": per_step, "trace_len": len(strategy.trace.recorded)}
+
+
+def test_zero3_backward_fetches_are_traced_and_prefetched() -> None:
+    """Backward runs with grad mode off; its fetches are still recorded, so backward prefetches the units it
+    needs next, the last forward unit stays gathered across the forward/backward turnaround, and the default
+    prefetch window is one unit (no more than two gathered at once)."""
+    result = run_ranks(_backward_gathers, world_size=2)[0]
+    assert result["trace_len"] == 8, result  # 4 forward + 4 backward fetches
+    steady = result["per_step"][-1]
+    forward = [s for s in steady if not s[0]]
+    backward = [s for s in steady if s[0]]
+    assert len(forward) == 4, steady
+    # the last layer is reused at the turnaround; the other three are gathered again in backward, ahead of need
+    assert len(backward) == 3 and all(is_async for _, is_async, _ in backward), steady
+    assert max(live for *_, live in steady) <= 2, steady
