@@ -2,7 +2,7 @@
 
     python benchmarks/bench_collectives.py            # 2 and 4 ranks, 0.1-13 MB, writes results/collectives.md
 
-Every rank runs one thread. Each cell is the median of 15 timed calls after 3 warm-up calls, best of 2 rounds
+Every rank runs one thread. Each cell is the median of 30 timed calls after 3 warm-up calls, best of 2 rounds
 (the machine may be shared), from a barrier; the slower rank's median is reported. "ring" is torch.distributed's
 gloo collective called directly; "direct" is the same call through ``shardwise.comm`` (which routes it to
 ``shardwise/comm/direct.py``); gloo's all-reduce of the same buffer is shown for scale. Results are also checked:
@@ -31,7 +31,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _time(fn, reps: int = 15) -> float:
+def _time(fn, reps: int = 30) -> float:
     for _ in range(3):
         fn()
     dist.barrier()
@@ -116,7 +116,7 @@ def main() -> int:
     args = ap.parse_args()
     lines = ["# Collectives on gloo", "",
              "Buffer = the full tensor (all-gather output, reduce-scatter input), fp32, one thread per rank; the "
-             "slower rank's median of 15 calls, best of "
+             "slower rank's median of 30 calls, best of "
              f"{args.rounds} rounds. Both paths send (n-1)/n of the buffer per rank.", ""]
     for world in (int(w) for w in args.worlds.split(",")):
         rows = _run(world, args.rounds, [float(x) for x in args.sizes.split(",")])

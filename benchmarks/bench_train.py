@@ -216,8 +216,10 @@ def markdown(results: list[dict], args: argparse.Namespace, notes: list[str]) ->
             "fused C AdamW (CPU Adam with offload), DeepSpeed's FusedAdam CPU op (DeepSpeedCPUAdam with offload).",
             "- Communication: every torch.distributed collective is wrapped in the worker before the engine is "
             "imported (outermost call counted); DDP's C++ reducer is given torch's stock `allreduce_hook` so that "
-            "its bucket all-reduce goes through the wrapped function. shardwise's own comms log agrees with the "
-            "wrapper (`comms_log_*` in results/train.json).",
+            "its bucket all-reduce goes through the wrapped function. On gloo, shardwise's all-gather and "
+            "reduce-scatter are point-to-point messages to each peer (`shardwise/comm/direct.py`), so the wrapper "
+            "sees sends and their message bytes equal their wire bytes; shardwise's own comms log, which records "
+            "them as the collectives they are, agrees on the wire bytes (`comms_log_*` in results/train.json).",
             "- `start MB` is the peak RSS before the model is built (Python + torch + the process group): what "
             "every engine pays before holding any model state.", ""]
     for size in dict.fromkeys(r["size"] for r in results):
@@ -238,8 +240,9 @@ def markdown(results: list[dict], args: argparse.Namespace, notes: list[str]) ->
                        f"{gap} |")
         out.append("")
     out += ["![training benchmark](results/train.png)", "",
-            "Where the stage 1/2 time goes relative to DDP (paired profile: the exposed parameter all-gather) and "
-            "what closes the gap: see benchmarks/README.md.", "", "Targets (issue 3):", ""]
+            "Where the ZeRO time goes relative to DDP (gloo's ring all-gather and reduce-scatter; backward "
+            "prefetch at stage 3) and what closed the gap: see benchmarks/README.md.", "", "Targets (issues 3 and 4):",
+            ""]
     out += [f"- {line}" for line in targets(results)] + [""]
     return "\n".join(out)
 

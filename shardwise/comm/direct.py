@@ -2,11 +2,11 @@
 
 gloo's ``all_gather`` and ``reduce_scatter`` walk a ring step by step through staging copies. On the CPU, with the
 small groups a CPU job runs, posting all ``n - 1`` chunks as point-to-point messages in one round moves the same
-bytes per rank (``(n-1)/n`` of the buffer) about 1.5-2x faster (measured on this project's 2-core machine, 2 and 4
-ranks, 0.1-13 MB: reduce-scatter 14.1 -> 6.8 ms and all-gather 9.3 -> 4.2 ms for 13 MB on 2 ranks; see
-benchmarks/README.md). ZeRO's reduce-scatter during backward and its parameter all-gathers are exactly these two
-collectives, so this is where stages 1-3 on the CPU gain most. gloo's all-reduce, by contrast, is already fast and
-stays as it is.
+bytes per rank (``(n-1)/n`` of the buffer) up to 3x faster (measured on this project's 2-core machine by
+``benchmarks/bench_collectives.py``: 13 MB on 2 ranks, reduce-scatter 15.1 -> 5.3 ms and all-gather 8.5 -> 5.0 ms;
+2-3x on 4 ranks; about equal below 1 MB on 2 ranks). ZeRO's reduce-scatter during backward and its parameter
+all-gathers are exactly these two collectives, so this is where stages 1-3 on the CPU gain most. gloo's
+all-reduce, by contrast, is already fast and stays as it is.
 
 ``collectives.py`` routes a SUM reduce-scatter or an all-gather here when the group runs on gloo, has at most
 ``MAX_RANKS`` members and the tensors are contiguous CPU tensors; ``SHARDWISE_GLOO_DIRECT=0`` turns it off.
