@@ -7,6 +7,7 @@ import logging
 import os
 from typing import Any
 
+import torch
 import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
@@ -75,6 +76,27 @@ def init_distributed(
     dist.init_process_group(backend=backend, init_method=init_method or "env://", rank=env.rank,
                             world_size=env.world_size, timeout=timeout)
     _launch_env = env
+    if accelerator.device_name() == "cpu" and env.local_rank == 0:
+        warn_if_oversubscribed(env.local_world_size)
+
+
+def oversubscription_hint(local_ranks: int) -> str | None:
+    """A warning when this node's CPU ranks, one torch thread pool each, ask for more threads than usable cores."""
+    threads = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_ranks <= 1 or threads <= 1 or local_ranks * threads <= cores:
+        return None
+    return (f"{local_ranks} ranks x {threads} threads on {cores} cores: the ranks oversubscribe the CPU, so "
+            "compute and every collective wait for descheduled threads (several times slower); set "
+            f"OMP_NUM_THREADS={max(1, cores // local_ranks)} (the shardwise launcher does when it is unset) or "
+            "launch with --bind_cores_to_rank")
+
+
+def warn_if_oversubscribed(local_ranks: int) -> None:
+    """Log :func:`oversubscription_hint` once, if there is one."""
+    hint = oversubscription_hint(local_ranks)
+    if hint:
+        logger.warning(hint)
 
 
 def _env_from_initialized() -> LaunchEnv:

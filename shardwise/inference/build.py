@@ -25,6 +25,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.group import Group, as_group
+from shardwise.comm.init import oversubscription_hint
 from shardwise.inference import autotp, loader
 from shardwise.inference.collectives import make_collectives
 from shardwise.inference.config import DeepSpeedInferenceConfig
@@ -203,12 +204,9 @@ def _log(plan: autotp.TPPlan, stats: loader.LoadStats, cfg: DeepSpeedInferenceCo
     if stats.tensors:
         log_dist(f"init_inference: read {human_bytes(stats.bytes_read)} of {human_bytes(stats.bytes_full)} "
                  f"({stats.tensors} tensors, {stats.files} files) in {stats.seconds:.2f}s on this rank")
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    cores = os.cpu_count() or 1
-    if device.type == "cpu" and local > 1 and torch.get_num_threads() > 1 and local * torch.get_num_threads() > cores:
-        log_dist(f"init_inference: {local} ranks x {torch.get_num_threads()} threads on {cores} cores: the ranks "
-                 "oversubscribe the CPU and every collective waits for a descheduled peer; set OMP_NUM_THREADS="
-                 f"{max(1, cores // local)} (or launch with --bind_cores_to_rank)", level=logging.WARNING)
+    hint = oversubscription_hint(int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    if device.type == "cpu" and hint:
+        log_dist(f"init_inference: {hint}", level=logging.WARNING)
     if cfg.replace_with_kernel_inject:
         log_dist("init_inference: replace_with_kernel_inject=True: shardwise has no fused inference kernels; the "
                  "model keeps its own modules (automatically tensor-parallel when tp_size > 1), so outputs match "

@@ -158,11 +158,19 @@ def worker_command(args: argparse.Namespace, nproc: int) -> list[str]:
 
 def _export_node_environment(plan: NodePlan, loopback: bool) -> None:
     """Variables every rank of this node inherits (torch's agent adds RANK, LOCAL_RANK, WORLD_SIZE,
-    LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT per worker)."""
+    LOCAL_WORLD_SIZE, MASTER_ADDR and MASTER_PORT per worker), including OMP_NUM_THREADS = usable cores / ranks
+    when the user has not set it."""
     os.environ["LOCAL_SIZE"] = str(len(plan.slots))
     os.environ["CROSS_RANK"] = str(plan.node_rank)
     os.environ["CROSS_SIZE"] = str(plan.num_nodes)
     os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, plan.slots))
+    if "OMP_NUM_THREADS" not in os.environ and len(plan.slots) > 1:
+        # Like torchrun, never let the ranks of a node oversubscribe its cores with one OpenMP pool each; unlike
+        # torchrun's fixed 1, give each rank its share, which is what CPU ranks need.
+        per = max(1, len(os.sched_getaffinity(0)) // len(plan.slots))
+        os.environ["OMP_NUM_THREADS"] = str(per)
+        logger.info(f"OMP_NUM_THREADS={per} for each of the {len(plan.slots)} ranks of this node "
+                    f"({len(os.sched_getaffinity(0))} usable cores); set OMP_NUM_THREADS to choose otherwise")
     if loopback and "lo" in {name for _, name in socket.if_nameindex()}:
         # Every node is on this machine: keep collective traffic on loopback too.
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")

@@ -2,6 +2,7 @@
 rendezvous, per-rank logs, two nodes on loopback, a failing rank, and Ctrl-C. Each starts real
 processes (~2-4 s); every wait is bounded."""
 
+import os
 import queue
 import shlex
 import signal
@@ -39,11 +40,23 @@ def test_two_local_ranks_env_and_env_file(run_cli, tmp_path, free_port, parse_ra
         assert row["allreduce"] == "3"
         assert row["extra"] == "--user_flag|x y"  # one argument with a space stays one argument
         assert row["from_env_file"] == "from the file"
+        assert row["omp_num_threads"] == "1"  # the user's setting (launch_env) is kept
     assert proc.stdout.count("SW_TEST_FROM_ENV_FILE") == 0
     # the launcher (rendezvous store) and the ranks (gloo) listen on loopback only
     listening = [line.split()[1] for line in proc.stdout.splitlines() if line.startswith("LISTEN ")]
     assert f"127.0.0.1:{port}" in listening
     assert all(addr.startswith("127.") for addr in listening), listening
+
+
+def test_ranks_get_their_share_of_the_cores_as_omp_threads(run_cli, free_port, parse_rank_info, launch_env):
+    """Without OMP_NUM_THREADS, each of the node's ranks gets usable cores / ranks (at least 1), not one OpenMP pool
+    per rank over every core (which oversubscribes the machine)."""
+    env = {k: v for k, v in launch_env.items() if k != "OMP_NUM_THREADS"}
+    proc = run_cli("--num_gpus", "2", "--master_port", str(free_port()), str(SCRIPTS / "rank_env.py"), env=env)
+    assert proc.returncode == 0, proc.stderr
+    expected = str(max(1, len(os.sched_getaffinity(0)) // 2))
+    assert [r["omp_num_threads"] for r in parse_rank_info(proc.stdout)] == [expected, expected]
+    assert f"OMP_NUM_THREADS={expected} for each of the 2 ranks" in proc.stderr + proc.stdout
 
 
 def test_each_rank_log_and_module(run_cli, tmp_path, free_port, parse_rank_info, launch_env):

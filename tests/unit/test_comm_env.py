@@ -58,3 +58,17 @@ def test_no_launcher_means_a_single_process_on_loopback() -> None:
 def test_non_integer_rank_is_reported() -> None:
     with pytest.raises(ValueError, match=r"RANK='x' is not an integer"):
         discover({"RANK": "x", "WORLD_SIZE": "2"})
+
+
+def test_oversubscription_hint_names_the_fix(monkeypatch) -> None:
+    import torch
+
+    from shardwise.comm.init import oversubscription_hint
+
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    hint = oversubscription_hint(2)
+    assert hint is not None and "2 ranks x 2 threads on 2 cores" in hint and "OMP_NUM_THREADS=1" in hint
+    assert oversubscription_hint(1) is None  # one rank may use every core
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
+    assert oversubscription_hint(2) is None

@@ -35,6 +35,7 @@ fields = {
     "from_env_file": os.environ.get("SW_TEST_FROM_ENV_FILE"),
     "dist_rank": rank,
     "allreduce": int(value.item()),
+    "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
 }
 lines = ["RANKINFO " + json.dumps({k: str(v) for k, v in fields.items()})]
 if os.environ.get("CHECK_LISTEN"):
