@@ -20,7 +20,10 @@ from shardwise.zero.unit import UnitState
 
 def _released_units(strategy: Any, values: Any, found: list) -> None:
     for v in values:
-        if isinstance(v, torch.nn.Parameter):
+        # a plain Tensor check and a lookup by id: ``isinstance(v, nn.Parameter)`` goes through Parameter's
+        # Python-level ``__instancecheck__``, which dominated this scan (the model's parameters are alive, so no
+        # other tensor can carry one of their ids)
+        if isinstance(v, torch.Tensor):
             unit = strategy.param_unit.get(id(v))
             if unit is not None and unit.state is not UnitState.GATHERED and unit not in found:
                 found.append(unit)
