@@ -34,6 +34,15 @@ class FlatOptimizer:
             for group, g in zip(basic.param_groups, groups):
                 group["params"] = [g.master] if g is not None else []
             basic.state.clear()
+        # shardwise's Adam takes 16-bit gradients as they are and, for an unpartitioned master, writes the
+        # model's 16-bit weights in the same pass: no fp32 copy of the gradients, no separate cast afterwards
+        self._fused_lowp = (policy.use_master and not policy.partitioned and hasattr(basic, "lowp_outs")
+                            and not policy.offload_optimizer)
+        if self._fused_lowp:
+            for g in self.live_groups:
+                basic.lowp_outs[id(g.master)] = g.flat
+                if hasattr(g.master, "grad_dtype"):  # torch >= 2.9 checks .grad's dtype against the tensor's
+                    g.master.grad_dtype = None
 
     @property
     def live_groups(self) -> list[FlatGroup]:
@@ -75,11 +84,15 @@ class FlatOptimizer:
             return
         for g in self.live_groups:
             grad = g.part_grad if self.policy.partitioned else g.full_grad
-            g.master.grad = grad.to(device=g.master.device, dtype=g.master.dtype, non_blocking=True)
+            if self._fused_lowp and grad.dtype in (torch.bfloat16, torch.float16, torch.float32):
+                g.master.grad = grad  # the kernel reads 16-bit gradients directly
+            else:
+                g.master.grad = grad.to(device=g.master.device, dtype=g.master.dtype, non_blocking=True)
         self.basic.step()
         for g in self.live_groups:
             g.master.grad = None
-        self.publish()
+        if not self._fused_lowp:
+            self.publish()
 
     @torch.no_grad()
     def publish(self) -> None:

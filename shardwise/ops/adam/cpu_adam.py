@@ -428,9 +428,13 @@ class AdamBase(torch.optim.Optimizer):
                         bias_correction=bias_correction, amsgrad=False)
         super().__init__(model_params, defaults)
         self.adam_w_mode = bool(adamw_mode)
+        #: ``{id(param): tensor}``: the step also writes the updated param into that tensor, in its dtype, in
+        #: the same pass (how ZeRO's unpartitioned fp32 master publishes the model's bf16/fp16 weights)
+        self.lowp_outs: dict[int, torch.Tensor] = {}
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("lowp_outs", {})
         for group in self.param_groups:
             group.setdefault("amsgrad", False)
             group.setdefault("bias_correction", True)
@@ -453,7 +457,7 @@ class AdamBase(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            by_step: dict[int, tuple[list, list, list, list]] = {}
+            by_step: dict[int, tuple[list, list, list, list, list]] = {}
             for p in group["params"]:
                 grad = p.grad
                 if grad is None:
@@ -466,16 +470,18 @@ class AdamBase(torch.optim.Optimizer):
                 step = state["step"] = state["step"] + 1
                 lists = by_step.get(step)
                 if lists is None:
-                    lists = by_step[step] = ([], [], [], [])
+                    lists = by_step[step] = ([], [], [], [], [])
                 lists[0].append(p)
                 lists[1].append(grad)
                 lists[2].append(state["exp_avg"])
                 lists[3].append(state["exp_avg_sq"])
+                lists[4].append(self.lowp_outs.get(id(p)))
             beta1, beta2 = group["betas"]
-            for step, (ps, gs, ms, vs) in by_step.items():
+            for step, (ps, gs, ms, vs, outs) in by_step.items():
                 adam_step_multi(ps, gs, ms, vs, step=step, lr=float(group["lr"]), beta1=beta1, beta2=beta2,
                                 eps=group["eps"], weight_decay=group["weight_decay"],
-                                adamw_mode=self.adam_w_mode, bias_correction=group["bias_correction"])
+                                adamw_mode=self.adam_w_mode, bias_correction=group["bias_correction"],
+                                lowp_outs=outs)
         return loss
 
 
