@@ -101,38 +101,42 @@ def _exchange(group: Group, sends: dict[int, torch.Tensor], recvs: dict[int, tor
     return works
 
 
-def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Group,
-                           async_op: bool) -> DirectWork | None:
-    """``output`` (n equal chunks, dim 0) <- every rank's ``input``, in group-rank order."""
-    flat = output.view(-1)
-    chunk = input.numel()
+def _chunk_views(op: str, full: torch.Tensor, chunk: int, group: Group) -> list[torch.Tensor]:
+    """``full`` (any shape, contiguous) as ``group.size`` consecutive chunks of ``chunk`` elements."""
+    flat = full.view(-1)
     if flat.numel() != chunk * group.size:
-        raise ValueError(f"all_gather: output has {flat.numel()} elements, expected {group.size} x {chunk}")
-    me = group.rank
-    mine = flat[me * chunk : (me + 1) * chunk]
-    if mine.data_ptr() != input.data_ptr():
-        mine.copy_(input.reshape(-1))
-    chunks = {p: flat[p * chunk : (p + 1) * chunk] for p in range(group.size)}
-    work = DirectWork(_exchange(group, dict.fromkeys(chunks, mine), chunks))
+        raise ValueError(f"{op}: the full buffer has {flat.numel()} elements, expected {group.size} x {chunk}")
+    return [flat[p * chunk : (p + 1) * chunk] for p in range(group.size)]
+
+
+def _complete(work: DirectWork, async_op: bool) -> DirectWork | None:
     if async_op:
         return work
     work.wait()
     return None
 
 
+def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Group,
+                           async_op: bool) -> DirectWork | None:
+    """``output`` (n equal chunks, dim 0) <- every rank's ``input``, in group-rank order."""
+    chunks = _chunk_views("all_gather", output, input.numel(), group)
+    mine = chunks[group.rank]
+    if mine.data_ptr() != input.data_ptr():
+        mine.copy_(input.reshape(-1))
+    sends = dict.fromkeys(range(group.size), mine)
+    return _complete(DirectWork(_exchange(group, sends, dict(enumerate(chunks)))), async_op)
+
+
 def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group: Group,
                           async_op: bool) -> DirectWork | None:
     """``output`` <- the sum over ranks of chunk ``group.rank`` of ``input``."""
-    flat = input.view(-1)
     chunk = output.numel()
-    if flat.numel() != chunk * group.size:
-        raise ValueError(f"reduce_scatter: input has {flat.numel()} elements, expected {group.size} x {chunk}")
-    me = group.rank
+    chunks = _chunk_views("reduce_scatter", input, chunk, group)
     peers = _peers(group)
     received = torch.empty((len(peers), chunk), dtype=input.dtype, device=input.device)
-    sends = {p: flat[p * chunk : (p + 1) * chunk] for p in peers}
+    sends = {p: chunks[p] for p in peers}
     recvs = {p: received[k] for k, p in enumerate(peers)}
-    own = flat[me * chunk : (me + 1) * chunk]
+    own = chunks[group.rank]
 
     def finish() -> None:
         out = output.view(-1)
@@ -140,8 +144,4 @@ def reduce_scatter_tensor(output: torch.Tensor, input: torch.Tensor, group: Grou
         for k in range(1, len(peers)):
             out.add_(received[k])
 
-    work = DirectWork(_exchange(group, sends, recvs), finish)
-    if async_op:
-        return work
-    work.wait()
-    return None
+    return _complete(DirectWork(_exchange(group, sends, recvs), finish), async_op)

@@ -20,6 +20,7 @@ Warmup shapes over ``warmup_num_steps`` = N (forced to at least 2), at iteration
 
 from __future__ import annotations
 
+import abc
 import difflib
 import inspect
 import logging
@@ -78,7 +79,7 @@ def _warmup_type(warmup_type: str) -> str:
     return warmup_type
 
 
-class _Schedule:
+class _Schedule(abc.ABC):
     """Iteration counter, ``step``, ``get_last_lr`` and state dict shared by every schedule."""
 
     def __init__(self, optimizer: Any, last_batch_iteration: int) -> None:
@@ -86,9 +87,9 @@ class _Schedule:
         self.last_batch_iteration = last_batch_iteration
         self._last_lr: list[float] | None = None
 
+    @abc.abstractmethod
     def get_lr(self) -> list[float]:
         """The lr of each param group at ``last_batch_iteration``."""
-        raise NotImplementedError
 
     def _apply(self) -> None:
         self._last_lr = _set_lrs(self.optimizer.param_groups, self.get_lr())

@@ -8,6 +8,7 @@ the ranks read their identity from ``OMPI_COMM_WORLD_*`` / ``SLURM_*`` variables
 
 from __future__ import annotations
 
+import abc
 import shlex
 import sys
 from collections.abc import Mapping, Sequence
@@ -120,7 +121,7 @@ def _python_prefix(opts: LaunchOptions) -> list[str]:
     return [opts.python, "-u", *(["-m"] if opts.module else [])]
 
 
-class MultiNodeRunner:
+class MultiNodeRunner(abc.ABC):
     """Builds the command(s) that start a job on every host of ``active``.
 
     ``exports`` are set on every node; ``launcher_args`` (one string, shell-split) go right after the
@@ -152,9 +153,9 @@ class MultiNodeRunner:
         self.hostfile = hostfile
         self.ssh_port = ssh_port
 
+    @abc.abstractmethod
     def commands(self) -> list[list[str]]:
         """The processes to start locally, each an argv list (started together, waited for together)."""
-        raise NotImplementedError
 
     def labels(self) -> list[str]:
         """A short name for each command of :meth:`commands`, for messages."""

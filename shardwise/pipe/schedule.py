@@ -25,6 +25,7 @@ chain), which excludes such cycles. ``simulate.run`` replays the streams and rai
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -125,7 +126,7 @@ class OptimizerStep(PipeInstruction):
     code = "STEP"
 
 
-class PipeSchedule:
+class PipeSchedule(abc.ABC):
     """The instruction stream of stage ``stage_id`` of ``stages`` for ``micro_batches`` micro-batches.
 
     Iterating yields one-instruction lists (DeepSpeed's schedules yield a list per step); ``instructions()`` is the
@@ -186,8 +187,9 @@ class PipeSchedule:
             out.append(SendGrad(mb, chunk))
         return out
 
+    @abc.abstractmethod
     def _build(self) -> list[PipeInstruction]:
-        raise NotImplementedError
+        """The whole instruction stream of this stage (each schedule's own)."""
 
     # -- views ---------------------------------------------------------------------------------------------------------
     def instructions(self) -> list[PipeInstruction]:
