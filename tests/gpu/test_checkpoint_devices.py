@@ -55,7 +55,7 @@ def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
         assert torch.equal(a[name], b[name]), name
 
 
-@pytest.mark.parametrize("gpu_stage,cpu_stage", [(2, 2), (3, 3), (3, 1), (0, 2)])
+@pytest.mark.parametrize("gpu_stage,cpu_stage", [(2, 2), (3, 1)])
 def test_gpu_checkpoint_loads_on_cpu_and_back(tmp_path, gpu_stage: int, cpu_stage: int) -> None:
     where = str(tmp_path)
     (ref,) = run_gpu(_phase, where, gpu_stage, None, None, 0, 4)  # uninterrupted, on the GPU
