@@ -77,8 +77,12 @@ def _rank_main(module: str, qualname: str, args: tuple, kwargs: dict, rank: int,
 
 
 def run_ranks(fn: Callable, *args: Any, world_size: int = 2, timeout: float = 60.0, seed: int = 0,
-              env: dict[str, str] | None = None, kwargs: dict[str, Any] | None = None) -> list[Any]:
-    """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh gloo ranks; return each rank's result, by rank."""
+              env: dict[str, str] | None = None, kwargs: dict[str, Any] | None = None,
+              rank_main: Callable | None = None) -> list[Any]:
+    """Run ``fn(*args, **kwargs)`` on ``world_size`` fresh gloo ranks; return each rank's result, by rank.
+
+    ``rank_main`` replaces the per-rank entry point (same arguments as ``_rank_main``; a module-level function):
+    ``tests/gpu/harness.py`` uses it to start ranks on the CUDA accelerator with nccl or gloo."""
     fn = getattr(fn, "__wrapped__", fn)
     if "<locals>" in fn.__qualname__:
         raise TypeError(f"{fn.__qualname__} must be a module-level function so ranks can import it by name")
@@ -88,7 +92,7 @@ def run_ranks(fn: Callable, *args: Any, world_size: int = 2, timeout: float = 60
     os.close(fd)
     os.unlink(store)
     procs = [
-        ctx.Process(target=_rank_main, daemon=True,
+        ctx.Process(target=rank_main or _rank_main, daemon=True,
                     args=(fn.__module__, fn.__qualname__, args, kwargs or {}, rank, world_size, store, timeout, seed,
                           env or {}, results))
         for rank in range(world_size)

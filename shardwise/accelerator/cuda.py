@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any
 
 import torch
@@ -26,6 +27,16 @@ class CudaAccelerator(Accelerator):
         return torch.cuda.current_device()
 
     def set_device(self, device_index: int) -> None:
+        count = torch.cuda.device_count()
+        if not 0 <= device_index < count:
+            # torch's own message ("invalid device ordinal") names neither the index nor where it came from
+            from shardwise.accelerator import AcceleratorError
+
+            raise AcceleratorError(
+                f"cuda device index {device_index} asked for, but {count} device(s) are visible "
+                f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '<unset>')}); the index is usually "
+                "LOCAL_RANK: launch at most one rank per visible GPU (e.g. `shardwise --num_gpus N`), or "
+                "widen CUDA_VISIBLE_DEVICES")
         torch.cuda.set_device(device_index)
 
     def synchronize(self, device_index: int | None = None) -> None:
@@ -59,7 +70,9 @@ class CudaAccelerator(Accelerator):
         torch.cuda.empty_cache()
 
     def total_memory(self, device_index: int | None = None) -> int:
-        return torch.cuda.get_device_properties(device_index or 0).total_memory
+        # None means the current device (as every other method here), not device 0
+        index = self.current_device() if device_index is None else device_index
+        return torch.cuda.get_device_properties(index).total_memory
 
     def memory_stats(self, device_index: int | None = None) -> dict[str, int]:
         stats = super().memory_stats(device_index)
