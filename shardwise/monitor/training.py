@@ -57,11 +57,10 @@ class TrainingObserver:
 
     def _profile_start(self, module: Any, args: Any) -> None:
         if self._profiling_now():
-            self.flops_profiler.start_profile()
+            self.flops_profiler.begin_forward()
 
     def _profile_stop(self, module: Any, args: Any, output: Any) -> None:
-        if self.flops_profiler.func_patched:
-            self.flops_profiler.stop_profile()
+        self.flops_profiler.end_forward()
 
     def _report_profile(self, times_ms: dict[str, float], micro_batches: int) -> None:
         prof, cfg = self.flops_profiler, self._profile_cfg

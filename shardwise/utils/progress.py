@@ -37,7 +37,8 @@ def _reporting_rank() -> bool:
 
 def _human(value: float, unit: str) -> str:
     if unit != "B":
-        return f"{value:,.0f}{' ' + unit if unit else ''}"
+        text = f"{value:.3g}" if value < 1000 else f"{value:,.0f}"
+        return f"{text} {unit}" if unit else text
     for name, scale in (("GB", 2**30), ("MB", 2**20), ("KB", 2**10)):
         if value >= scale:
             return f"{value / scale:.1f} {name}"
@@ -47,9 +48,9 @@ def _human(value: float, unit: str) -> str:
 class _LineReporter:
     """Periodic log lines for non-terminal output."""
 
-    def __init__(self, desc: str, total: float, unit: str, interval: float) -> None:
+    def __init__(self, desc: str, total: float, unit: str, interval: float, start: float) -> None:
         self.desc, self.total, self.unit, self.interval = desc, total, unit, interval
-        self.start = time.perf_counter()
+        self.start = start
         self.last = -float("inf")
         self.shown = False
 
@@ -90,13 +91,13 @@ class _BarReporter:
         self.bar.close()
 
 
-def _make_reporter(desc: str, total: float, unit: str, interval: float) -> Any:
+def _make_reporter(desc: str, total: float, unit: str, interval: float, start: float) -> Any:
     if sys.stderr.isatty():
         try:
             return _BarReporter(desc, total, unit)
         except ImportError:  # tqdm is optional
             pass
-    return _LineReporter(desc, total, unit, interval)
+    return _LineReporter(desc, total, unit, interval, start)
 
 
 def progress(items: Iterable[T], desc: str, *, weight: Callable[[T], float] | None = None, unit: str = "",
@@ -125,7 +126,7 @@ def progress(items: Iterable[T], desc: str, *, weight: Callable[[T], float] | No
             done += weight(item) if weight is not None else 1.0
             now = time.perf_counter()
             if reporter is None and now - start >= delay:
-                reporter = _make_reporter(desc, total or 0.0, unit, interval)
+                reporter = _make_reporter(desc, total or 0.0, unit, interval, start)
             if reporter is not None:
                 reporter.update(done, now)
     finally:

@@ -101,13 +101,13 @@ class FlopsProfiler:
         self._times: report.StepTimes | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------------------------------
-    def start_profile(self, ignore_list: Sequence[type] | None = None) -> None:
+    def start_profile(self, ignore_list: Sequence[type] | None = None, _hook_model: bool = True) -> None:
         """Reset the statistics and start counting forwards (module hooks plus torch's FLOP counter)."""
         self.stop_profile()
         self.reset_profile()
         ignored = tuple(ignore_list or ())
         for name, module in self.model.named_modules():
-            if ignored and isinstance(module, ignored):
+            if (ignored and isinstance(module, ignored)) or (not name and not _hook_model):
                 continue
             stats = self._stats[name]
             self._handles.append(module.register_forward_pre_hook(self._enter_hook(stats)))
@@ -144,6 +144,18 @@ class FlopsProfiler:
         self.stop_profile()
         self.started = False
         self._stats = {}
+
+    def begin_forward(self) -> None:
+        """Start a profile from inside the model's own forward pre-hook (the engine's profile step): the model's
+        hooks cannot be added to a call already in progress, so its entry is recorded here instead."""
+        self.start_profile(_hook_model=False)
+        self._enter_hook(self._stats[""])(self.model, ())
+
+    def end_forward(self) -> None:
+        """Close what ``begin_forward`` opened, from the model's forward hook, and stop counting."""
+        if self.func_patched:
+            self._exit_hook(self._stats[""])(self.model, (), None)
+            self.stop_profile()
 
     @contextlib.contextmanager
     def profile(self, ignore_list: Sequence[type] | None = None) -> Iterator[FlopsProfiler]:
