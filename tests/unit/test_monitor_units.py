@@ -135,3 +135,16 @@ def test_shardwise_plot_reads_csv_and_tensorboard_runs(tmp_path, capsys) -> None
     assert all((tmp_path / "png" / n).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for n in ("loss.png", "lr.png"))
     with pytest.raises(SystemExit):
         plot.main([str(tmp_path / "missing")])
+
+
+def test_deepspeed_paths_resolve() -> None:
+    import shardwise as deepspeed
+
+    assert deepspeed.monitor.monitor.MonitorMaster is MonitorMaster
+    from shardwise.profiling.flops_profiler import FlopsProfiler, get_model_profile
+
+    assert deepspeed.profiling.flops_profiler.FlopsProfiler is FlopsProfiler and callable(get_model_profile)
+    assert callable(deepspeed.comm.log_summary)
+    from shardwise.utils.memory import see_memory_usage
+
+    assert callable(see_memory_usage)
