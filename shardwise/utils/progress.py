@@ -78,7 +78,8 @@ class _BarReporter:
     def __init__(self, desc: str, total: float, unit: str) -> None:
         from tqdm import tqdm
 
-        self.bar = tqdm(total=total or None, desc=desc, unit=unit or "it", unit_scale=unit == "B",
+        whole = int(total) if float(total).is_integer() else total
+        self.bar = tqdm(total=whole or None, desc=desc, unit=unit or "it", unit_scale=unit == "B",
                         unit_divisor=1024 if unit == "B" else 1000, leave=False, file=sys.stderr)
         self.done = 0.0
 

@@ -258,7 +258,7 @@ class FlopsProfiler:
                       "fwd FLOPS (children included)."]
             lines += self._tree_lines(module_depth, totals)
         lines.append("------------------------------------------------------------------------------")
-        return lines
+        return [line.rstrip() for line in lines]
 
     def print_model_profile(self, profile_step: int = 1, module_depth: int = -1, top_modules: int = 1,
                             detailed: bool = True, output_file: str | None = None) -> None:
