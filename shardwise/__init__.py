@@ -27,7 +27,7 @@ _LAZY = {
     "ShardwiseConfig": ("shardwise.config", "ShardwiseConfig"),
 }
 _SUBMODULES = {"zero", "checkpointing", "pipe", "comm", "ops", "utils", "runtime", "accelerator", "inference",
-               "config", "moe", "sequence", "tp", "sp", "checkpoint", "launcher", "models"}
+               "config", "moe", "sequence", "tp", "sp", "checkpoint", "launcher", "models", "monitor", "profiling"}
 
 
 def __getattr__(name: str) -> Any:

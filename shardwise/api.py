@@ -14,6 +14,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.comm.topology import Topology
 from shardwise.config import add_config_arguments, load_config, read_config_dict
+from shardwise.monitor.utils import check_backends
 
 __all__ = ["initialize", "add_config_arguments"]
 
@@ -53,6 +54,7 @@ def initialize(
     topology = _topology(raw, model, mpu, mesh_param)
     cfg = load_config(source, dp_world_size=topology.size("dp"))
     comm.configure(cfg.comms_logger)
+    check_backends(cfg)  # a monitor whose package is missing fails here, on every rank, before any work
     if _is_pipeline_module(model):
         if mpu is not None:
             raise ValueError("a PipelineModule carries its own topology; pass mpu=None (as DeepSpeed requires)")

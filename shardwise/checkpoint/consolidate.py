@@ -35,6 +35,7 @@ from shardwise.checkpoint.files import (
     write_safetensors,
 )
 from shardwise.checkpoint.safety import atomic_write_json
+from shardwise.utils.progress import progress
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}
@@ -124,7 +125,7 @@ def get_fp32_state_dict_from_zero_checkpoint(checkpoint_dir: str, tag: str | Non
         return {e.name: LazyTensor(e) for e in entries}
     out: dict[str, Any] = {}
     loaded: dict[str, torch.Tensor] = {}
-    for e in entries:
+    for e in progress(entries, f"consolidating {checkpoint_dir}"):
         if e.source not in loaded:
             loaded[e.source] = e.load()
         out[e.name] = loaded[e.source]  # tied names share one tensor, as in module.state_dict()

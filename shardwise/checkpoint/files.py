@@ -31,6 +31,7 @@ import torch
 from shardwise.checkpoint import regions
 from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointIncompleteError
 from shardwise.checkpoint.safety import HashingWriter, atomic_file, check_size, fault_point, verify_file
+from shardwise.utils.progress import progress
 
 FORMAT = "shardwise-checkpoint"
 VERSION = 1
@@ -133,7 +134,7 @@ def write_safetensors(path: str, specs: Sequence[TensorSpec], metadata: dict[str
         w.write(struct.pack("<Q", len(blob)))
         w.write(blob)
         fault_point("shard-data")
-        for s in specs:
+        for s in progress(specs, f"writing {os.path.basename(path)}", weight=lambda s: s.nbytes, unit="B"):
             t = s.produce()
             if t.dtype != s.dtype or tuple(t.shape) != s.shape:
                 raise CheckpointError(f"{s.key}: expected {s.dtype} {s.shape}, got {t.dtype} {tuple(t.shape)}")

@@ -17,6 +17,7 @@ from shardwise.checkpoint import codec, model_view, optim_state, rng
 from shardwise.checkpoint.errors import CheckpointError
 from shardwise.checkpoint.files import WEIGHT_KINDS, CheckpointReader
 from shardwise.utils.logging import logger
+from shardwise.utils.progress import progress
 
 _FULL_KINDS = ("value", "fp32", "model")
 
@@ -126,7 +127,7 @@ def load_model(engine: Any, reader: CheckpointReader, view: model_view.ModelView
     basic = engine.strategy.optimizer.basic if optim else None
     if optim and any(g["state"] for g in saved_opt["groups"]):
         optim_state.materialize(basic)
-    for mt in tensors:
+    for mt in progress(tensors, f"loading {reader.tag_dir}"):
         src = reader.resolve(mt.name)
         if src is None:
             continue

@@ -37,11 +37,33 @@ from shardwise.comm.init import (
 )
 
 
-def log_summary() -> str:
-    """Print and return the per-operation totals of the comms log (DeepSpeed's ``deepspeed.comm.log_summary``)."""
-    text = COMMS_LOG.summary()
-    print(text)
-    return text
+def log_summary(show_straggler: bool = False, return_dict: bool = False) -> dict | None:
+    """Print the comms log as DeepSpeed's table (rank 0 prints; see ``comms_summary.py``).
+
+    Every rank must call it when torch.distributed is up (it synchronises with barriers, and ``show_straggler``
+    gathers every rank's rows to split each latency into the fastest rank's part and this rank's wait).
+    With ``return_dict`` each rank returns ``{"summary", "straggler_analysis", "metadata"}`` for its own log.
+    """
+    from shardwise.comm import comms_summary
+
+    table = comms_summary.summary()  # before the barriers below, which are logged too
+    up = is_initialized()
+    rank, world = (get_rank(), get_world_size()) if up else (0, 1)
+    if up:
+        barrier()
+    straggler = None
+    if show_straggler:
+        tables = all_gather_object(table) if up else [table]
+        straggler = comms_summary.stragglers(table, tables)
+    if rank == 0:
+        print(comms_summary.render(table))
+        if straggler is not None:
+            print(comms_summary.render_stragglers(straggler))
+    if up:
+        barrier()
+    if not return_dict:
+        return None
+    return {"summary": table, "straggler_analysis": straggler, "metadata": comms_summary.metadata(rank, world)}
 
 
 def configure(comms_logger_config=None, verbose: bool | None = None, prof_ops: list[str] | None = None) -> None:

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from pydantic import Field
 
-from .schema_base import AnyDict, Bool, Float, Int, NonNegInt, PosInt, Section, Str
+from .schema_base import AnyDict, Bool, Float, Int, NonNegFloat, NonNegInt, PosInt, Section, Str
 
 
 class CommsLoggerConfig(Section):
@@ -94,7 +94,8 @@ class TrackioConfig(Section):
 
 
 class FlopsProfilerConfig(Section):
-    """``flops_profiler``: profile FLOPs/latency of one training step (enabling it forces wall_clock_breakdown)."""
+    """``flops_profiler``: profile the FLOPs, parameters and latency per module of one training step's forward
+    (rank 0), and the step's achieved FLOP/s; the ``Train/Samples/elapsed_time_ms_*`` events are written too."""
 
     ds_strict: ClassVar[bool] = False
 
@@ -112,6 +113,9 @@ class FlopsProfilerConfig(Section):
     """Print the per-module breakdown."""
     output_file: Str | None = None
     """File for the report (null = stdout)."""
+    peak_tflops: NonNegFloat | None = None
+    """shardwise's own key: peak TFLOP/s of one device in the training dtype, for the report's MFU figure
+    (achieved FLOP/s per device / peak); null leaves MFU out."""
 
 
 class AutotuningConfig(Section):

@@ -161,7 +161,12 @@ FEATURES: tuple[Feature, ...] = (
             note="PipelineModule; 1F1B and interleaved 1F1B (virtual_stages); pipe/grad_partitioned; ZeRO-0/1 only"),
     Feature("activation_checkpointing", S),  # activation_checkpointing.py
     Feature("comms_logger", S),  # comm/
-    Feature("csv_monitor", S),  # utils/ monitors
+    Feature("csv_monitor", S, note="DeepSpeed's layout: output_path/job_name/<event>.csv"),  # monitor/
+    Feature("tensorboard", S, note="needs the tensorboard package (shardwise[tensorboard])"),  # monitor/
+    Feature("wandb", S, note="needs the wandb package (shardwise[wandb])"),  # monitor/
+    Feature("comet", S, note="needs comet_ml >= 3.41 (shardwise[comet])"),  # monitor/
+    Feature("trackio", S, note="needs the trackio package (shardwise[trackio])"),  # monitor/
+    Feature("flops_profiler", S, note="FLOPs from torch.utils.flop_counter; MFU with peak_tflops"),  # profiling/
     Feature("wall_clock_breakdown", S),  # utils/timers.py
     Feature("memory_breakdown", S),  # engine
     Feature("communication_data_type", S, note='"fp32", "fp16", "bf16"'),  # zero/reducer.py, zero/stage3.py
@@ -229,11 +234,6 @@ FEATURES: tuple[Feature, ...] = (
     # --- not supported yet ---------------------------------------------------------------------------------
     Feature("amp.enabled", N, OFF, 'apex AMP; use the "bf16" or "fp16" block instead'),  # apex is not a dep
     Feature("torch_autocast.enabled", N, OFF, 'use the "bf16" or "fp16" block instead'),  # engine/precision.py
-    Feature("flops_profiler.enabled", N, OFF, "profile with torch.profiler instead"),  # no profiler yet
-    Feature("tensorboard.enabled", N, OFF, "use csv_monitor"),  # monitor backends
-    Feature("wandb.enabled", N, OFF, "use csv_monitor"),  # monitor backends
-    Feature("comet.enabled", N, OFF, "use csv_monitor"),  # monitor backends
-    Feature("trackio.enabled", N, OFF, "use csv_monitor"),  # monitor backends
     Feature("elasticity.enabled", N, OFF, "set the batch keys for your data-parallel size"),  # elastic agent
     Feature("data_efficiency", N, INACTIVE, "curriculum data sampling and random-LTD"),  # data pipeline
     Feature("hybrid_engine.enabled", N, OFF, "DeepSpeed-Chat's hybrid engine"),  # RLHF engine

@@ -23,6 +23,7 @@ from shardwise.comm.topology import Topology
 from shardwise.engine import model_parallel
 from shardwise.engine.precision import cast_inputs_half
 from shardwise.engine.step_log import StepLog
+from shardwise.monitor.training import TrainingObserver
 from shardwise.utils.logging import log_dist, logger
 from shardwise.utils.timers import Timers
 
@@ -50,9 +51,9 @@ class Engine(nn.Module):
         self._global_grad_norm: float | None = None
         self._step_started: float | None = None
         self.timers = Timers(synchronize=config.wall_clock_breakdown)
-        csv = config.csv_monitor
-        csv_path = f"{csv.output_path or '.'}/{csv.job_name}/steps.csv" if csv.enabled else None
-        self.step_log = StepLog(config.steps_per_print, config.train_batch_size, csv_path)
+        self.step_log = StepLog(config.steps_per_print, config.train_batch_size)
+        self._observer = TrainingObserver(self)  # monitors, flops profiler, memory table (shardwise/monitor/)
+        self.monitor = self._observer.monitor  # DeepSpeed's MonitorMaster: engine.monitor.write_events(...)
 
     # -- DeepSpeed's accessors ------------------------------------------------------------------------------------
     @property
@@ -259,6 +260,7 @@ class Engine(nn.Module):
             extras["skipped"] = self.skipped_steps
         lr = self.get_lr()[0] if self.get_lr() else 0.0
         self.step_log.on_step(self.global_steps, lr, elapsed, extras)
+        self._observer.after_step()
         if self.wall_clock_breakdown() and self._config.steps_per_print and \
                 self.global_steps % self._config.steps_per_print == 0:
             times = " | ".join(f"{k} {v:.1f} ms" for k, v in self.timers.summary_ms().items())
@@ -336,6 +338,7 @@ class Engine(nn.Module):
         from shardwise.checkpoint import wait_for_checkpoint
 
         wait_for_checkpoint(self)
+        self._observer.close()
         if self.strategy is not None and hasattr(self.strategy, "remove_hooks"):
             self.strategy.remove_hooks()
 

@@ -2,13 +2,13 @@
 
 Loss is averaged over the window's micro-batches and the data-parallel ranks; peak memory is reported per rank
 (accelerator peak; on CPU the process's peak resident set) and the peak window is reset after each line. Gathering
-these costs one tiny all-gather per printed step, issued on every rank at the same step.
+these costs one tiny all-gather per printed step, issued on every rank at the same step. ``step_loss`` keeps this
+rank's loss sum and count of the last optimizer step alone, for the monitors (``monitor/training.py``); the CSV
+files of ``csv_monitor`` are written by the monitors too.
 """
 
 from __future__ import annotations
 
-import csv
-import os
 import time
 from typing import Any
 
@@ -22,7 +22,7 @@ from shardwise.utils.logging import logger
 class StepLog:
     """Accumulates per-step facts and prints them on rank 0."""
 
-    def __init__(self, steps_per_print: int | None, train_batch_size: int, csv_path: str | None = None) -> None:
+    def __init__(self, steps_per_print: int | None, train_batch_size: int) -> None:
         self.every = steps_per_print or 0
         self.train_batch_size = train_batch_size
         self._loss_sum = 0.0
@@ -30,18 +30,26 @@ class StepLog:
         self._window_start = time.perf_counter()
         self._window_steps = 0
         self._step_time = 0.0
-        self._csv_path = csv_path
+        self._step_loss_sum = 0.0
+        self._step_loss_count = 0
+        #: (loss sum, micro-batch count) of the last optimizer step on this rank
+        self.step_loss: tuple[float, int] = (0.0, 0)
         self.last: dict[str, Any] = {}
 
     def record_loss(self, loss: torch.Tensor) -> None:
         """Add one micro-batch loss (detached, any dtype)."""
-        self._loss_sum += float(loss.detach().float())
+        value = float(loss.detach().float())
+        self._loss_sum += value
         self._loss_count += 1
+        self._step_loss_sum += value
+        self._step_loss_count += 1
 
     def on_step(self, step: int, lr: float, step_seconds: float, extras: dict[str, Any]) -> None:
         """Called after every optimizer step; prints when ``step`` is a multiple of ``steps_per_print``."""
         self._window_steps += 1
         self._step_time += step_seconds
+        self.step_loss = (self._step_loss_sum, self._step_loss_count)
+        self._step_loss_sum, self._step_loss_count = 0.0, 0
         if not self.every or step % self.every:
             return
         acc = get_accelerator()
@@ -63,19 +71,6 @@ class StepLog:
             extra = "".join(f" | {k} {v}" for k, v in extras.items())
             logger.info("step %d | loss %.4f | lr %.3e | %.1f samples/s | %.1f ms/step | peak mem/rank %s MB%s",
                         step, loss, lr, samples_per_s, step_ms, mem, extra)
-            self._write_csv()
         acc.reset_peak_memory_stats()
         self._loss_sum, self._loss_count, self._window_steps, self._step_time = 0.0, 0, 0, 0.0
         self._window_start = time.perf_counter()
-
-    def _write_csv(self) -> None:
-        if not self._csv_path:
-            return
-        os.makedirs(os.path.dirname(self._csv_path) or ".", exist_ok=True)
-        new = not os.path.exists(self._csv_path)
-        row = {k: (";".join(f"{x:.1f}" for x in v) if isinstance(v, list) else v) for k, v in self.last.items()}
-        with open(self._csv_path, "a", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                writer.writeheader()
-            writer.writerow(row)

@@ -34,6 +34,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from shardwise.utils.progress import progress
+
 #: tensor data read through one safetensors mapping before it is closed and reopened (see the module docstring);
 #: 32 MiB keeps the resident part of the mapping small next to a shard, and reopening costs one header parse
 MAP_WINDOW_BYTES = 32 << 20
@@ -364,7 +366,7 @@ def load_checkpoint(files: list[Path], targets: LoadTargets, dtype: torch.dtype 
     """Read this rank's slices of every target from ``files`` (in order); raises if a target stays unloaded."""
     stats, start = LoadStats(), time.perf_counter()
     resolve, done = _resolver(targets), set()
-    for path in files:
+    for path in progress(files, "loading weights", weight=lambda p: p.stat().st_size, unit="B"):
         reader = _open(path, window)
         stats.files += 1
         try:

@@ -156,8 +156,7 @@ def test_zero_batch_value_is_refused():
     ("block", "path", "hint"),
     [
         ({"amp": {"enabled": True, "opt_level": "O1"}}, "amp.enabled", 'use the "bf16" or "fp16" block'),
-        ({"flops_profiler": {"enabled": True}}, "flops_profiler.enabled", "torch.profiler"),
-        ({"tensorboard": {"enabled": True}}, "tensorboard.enabled", "csv_monitor"),
+        ({"hybrid_engine": {"enabled": True}}, "hybrid_engine.enabled", "hybrid engine"),
         ({"elasticity": {"enabled": True}}, "elasticity.enabled", "batch keys"),
         ({"zero_optimization": {"stage": 3, "mics_shard_size": 8}}, "zero_optimization.mics_shard_size", "MiCS"),
         ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size", "AutoTP"),

@@ -15,15 +15,15 @@ BASE = {"train_batch_size": 4}
 def test_initial_implementation_state():
     status = {(f.path, f.status) for f in FEATURES}
     for path in ("zero_optimization.stage", "fp16", "bf16", "pipeline", "activation_checkpointing",
-                 "comms_logger", "csv_monitor", "wall_clock_breakdown", "memory_breakdown",
+                 "comms_logger", "csv_monitor", "wall_clock_breakdown", "memory_breakdown", "tensorboard", "wandb",
+                 "comet", "trackio", "flops_profiler",
                  "zero_optimization.offload_optimizer.device", "zero_optimization.offload_param.device",
                  "zero_optimization.zero_hpz_partition_size", "zero_optimization.zero_quantized_weights",
                  "zero_optimization.zero_quantized_gradients", "communication_data_type"):
         assert (path, Status.SUPPORTED) in status, path
-    for path in ("amp.enabled", "torch_autocast.enabled", "flops_profiler.enabled", "tensorboard.enabled",
-                 "wandb.enabled", "comet.enabled", "elasticity.enabled", "data_efficiency", "hybrid_engine.enabled",
-                 "sparse_gradients", "compile", "nebula.enabled", "zero_optimization.mics_shard_size",
-                 "zero_optimization.zenflow", "tensor_parallel.autotp_size"):
+    for path in ("amp.enabled", "torch_autocast.enabled", "elasticity.enabled", "data_efficiency",
+                 "hybrid_engine.enabled", "sparse_gradients", "compile", "nebula.enabled",
+                 "zero_optimization.mics_shard_size", "zero_optimization.zenflow", "tensor_parallel.autotp_size"):
         assert (path, Status.NOT_YET) in status, path
     for path in ("compression_training", "curriculum_learning", "quantize_training", "progressive_layer_drop",
                  "sparse_attention", "optimizer.type"):
@@ -32,8 +32,7 @@ def test_initial_implementation_state():
 
 
 @pytest.mark.parametrize("block", [
-    {"amp": {"enabled": False}}, {"flops_profiler": {"enabled": False, "profile_step": 3}},
-    {"tensorboard": {"enabled": False, "output_path": "/tmp"}}, {"elasticity": {"enabled": False}},
+    {"amp": {"enabled": False}}, {"elasticity": {"enabled": False}},
     {"hybrid_engine": {"enabled": False}}, {"data_efficiency": {"enabled": False, "seed": 1}},
     {"sparse_attention": {}}, {"progressive_layer_drop": {"enabled": False}},
 ])
@@ -75,8 +74,8 @@ def test_warn_status_accepts_active_value_with_warning():
 def test_all_problems_of_a_config_are_listed():
     with pytest.raises(ConfigError) as info:
         load_config({**BASE, "amp": {"enabled": True}, "sparse_attention": {"mode": "fixed"},
-                     "wandb": {"enabled": True}})
-    assert {p.path for p in info.value.problems} == {"amp.enabled", "sparse_attention", "wandb.enabled"}
+                     "hybrid_engine": {"enabled": True}})
+    assert {p.path for p in info.value.problems} == {"amp.enabled", "sparse_attention", "hybrid_engine.enabled"}
     assert {p.kind for p in info.value.problems} == {"unsupported", "removed"}
 
 
@@ -87,10 +86,10 @@ def test_refused_feature_is_reported_before_batch_arithmetic():
 
 
 def test_flipping_an_entry_changes_behaviour(monkeypatch):
-    flipped = tuple(dataclasses.replace(f, status=Status.SUPPORTED) if f.path == "flops_profiler.enabled" else f
+    flipped = tuple(dataclasses.replace(f, status=Status.SUPPORTED) if f.path == "hybrid_engine.enabled" else f
                     for f in FEATURES)
     monkeypatch.setattr(support_mod, "FEATURES", flipped)
-    assert load_config({**BASE, "flops_profiler": {"enabled": True}}).flops_profiler.enabled is True
+    assert load_config({**BASE, "hybrid_engine": {"enabled": True}}).hybrid_engine.enabled is True
 
 
 def test_every_non_supported_path_resolves_in_the_schema():
