@@ -166,6 +166,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("memory_breakdown", S),  # engine
     Feature("communication_data_type", S, note='"fp32", "fp16", "bf16"'),  # zero/reducer.py, zero/stage3.py
     Feature("gradient_clipping", S),  # engine
+    Feature("check_grad_overflow", S, note="shardwise's own key: skip inf/nan steps in fp32 and bf16"),  # engine
     Feature("optimizer.type", N, KNOWN_OPTIMIZER, _OPTIMIZERS),  # engine/optimizers.py
     Feature("scheduler.type", N, KNOWN_SCHEDULER, _SCHEDULERS),  # engine/lr_schedules.py
     Feature("checkpoint.tag_validation", S),  # checkpoint/engine.py
