@@ -207,9 +207,10 @@ def test_one_letter_slips_of_top_level_keys_are_refused():
 
 # -- accepted configs must also build and train -----------------------------------------------------------------
 ENGINE_PATHS = ["fp16.loss_scale_window", "fp16.min_loss_scale", "fp16.initial_scale_power", "fp16.hysteresis",
-                "fp16.loss_scale", "gradient_clipping", "zero_optimization.stage", "zero_optimization.reduce_bucket_size",
-                "zero_optimization.overlap_comm", "communication_data_type", "check_grad_overflow", "steps_per_print",
-                "gradient_accumulation_steps", "data_types.grad_accum_dtype", "bf16.check_grad_overflow",
+                "fp16.loss_scale", "gradient_clipping", "zero_optimization.stage",
+                "zero_optimization.reduce_bucket_size", "zero_optimization.overlap_comm", "communication_data_type",
+                "check_grad_overflow", "steps_per_print", "gradient_accumulation_steps",
+                "data_types.grad_accum_dtype", "bf16.check_grad_overflow",
                 *(f"{block}.{name}" for block, names in PARAMS.items() for name in names)]
 ENGINE_VALUES: list[typing.Any] = ["x", math.nan, -1, 0, 0.5, 3, 1e308, 2**62, None, True]
 
