@@ -1,11 +1,11 @@
 """Step-time guards: decisions every rank must take identically, and failures that must be loud, not silent.
 
-- **Non-finite loss and gradients**. A NaN/inf loss or global gradient norm is logged the
-  first time it happens, on every rank that sees it, with the rank and step. Whether the step is then skipped
-  (no update, optimizer state and LR schedule untouched) is :func:`skips_nonfinite`: fp16 always (loss scaling),
-  bf16 per ``bf16.check_grad_overflow`` (DeepSpeed 0.19, default true), fp32 per shardwise's own top-level
-  ``check_grad_overflow`` (default off: DeepSpeed applies the update and the weights turn NaN). The decision uses
-  the all-reduced norm, so every rank skips or steps together.
+- **Non-finite loss and gradients**. A NaN/inf loss or global gradient norm is logged the first time it happens, on
+  every rank that sees it, with the rank and step (an fp16 gradient overflow is routine: the engine's loss-scale
+  log reports it). Whether the step is then skipped (no update, optimizer state and LR schedule untouched) is
+  :func:`skips_nonfinite`: fp16 always (loss scaling), bf16 per ``bf16.check_grad_overflow`` (DeepSpeed 0.19,
+  default true), fp32 per shardwise's own top-level ``check_grad_overflow`` (default off: DeepSpeed applies the
+  update and the weights turn NaN). The decision uses the all-reduced norm, so every rank skips or steps together.
 - **Unused parameters** (``zero_optimization.ignore_unused_parameters: false``): DeepSpeed raises at the step of
   ZeRO-1/2 with CPU offload when a trainable parameter got no gradient, but only on the rank whose partition holds
   it, so the other ranks wait forever in the next collective. Here the count is all-reduced first, and every rank
@@ -69,7 +69,7 @@ class NonFiniteMonitor:
         if math.isfinite(norm):
             return False
         self.steps += 1
-        if self.steps == 1:
+        if self.steps == 1 and not self.config.fp16.enabled:  # fp16 overflows are routine: the loss scale backs off
             logger.warning("[rank %d] step %d: the global gradient norm is %s: %s.", comm.get_rank(), step, norm,
                            _advice(self.config))
         return skips_nonfinite(self.config)
