@@ -13,7 +13,7 @@ from torch import nn
 
 from shardwise import comm
 from shardwise.comm.topology import Topology
-from shardwise.config import add_config_arguments, load_config, read_config_dict
+from shardwise.config import add_config_arguments, load_config, read_config_dict, sequence_parallel_size
 from shardwise.monitor.utils import check_backends
 
 __all__ = ["initialize", "add_config_arguments"]
@@ -83,7 +83,7 @@ def _topology(raw: dict[str, Any], model: Any, mpu: Any, mesh_param: Any) -> Top
         from shardwise.tp.mpu import topology_from_mpu
 
         return topology_from_mpu(mpu)
-    sp = int(raw.get("sequence_parallel_size", 1) or 1)
+    sp = sequence_parallel_size(raw)
     if mesh_param is not None:
         _, sp = mesh_param
     return Topology(sp=sp)

@@ -18,13 +18,14 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import sys
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 
 from shardwise.checkpoint import regions
-from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointIncompleteError
+from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointIncompleteError
 from shardwise.checkpoint.files import (
     MANIFEST,
     WEIGHT_KINDS,
@@ -203,9 +204,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--safe_serialization", action="store_true", help="accepted; output is always safetensors")
     parser.add_argument("-d", "--debug", action="store_true", help="accepted for compatibility")
     args = parser.parse_args(argv)
-    files = convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, args.output, args.max_shard_size,
-                                                       tag=args.tag,
-                                                       exclude_frozen_parameters=args.exclude_frozen_parameters)
+    try:
+        files = convert_zero_checkpoint_to_fp32_state_dict(args.checkpoint_dir, args.output, args.max_shard_size,
+                                                           tag=args.tag,
+                                                           exclude_frozen_parameters=args.exclude_frozen_parameters)
+    except (CheckpointError, ValueError, OSError) as exc:  # a damaged checkpoint, a bad size, an unwritable output
+        text = str(exc) if isinstance(exc, (CheckpointError, ValueError)) else f"{exc.filename or ''}: {exc.strerror}"
+        print(f"shardwise-to-fp32: error: {' '.join(text.split())}", file=sys.stderr)
+        return 1
     print(f"wrote {len(files)} file(s): {', '.join(files)}")
     return 0
 

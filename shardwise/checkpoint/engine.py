@@ -18,25 +18,53 @@ from typing import Any
 import torch
 
 from shardwise import comm
-from shardwise.checkpoint import async_writer, collect, model_view, restore
+from shardwise.checkpoint import async_writer, collect, manifest_check, model_view, restore, stale
 from shardwise.checkpoint.commit import SaveJob
-from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointError
-from shardwise.checkpoint.files import CheckpointReader, TensorSpec, read_latest, write_safetensors
+from shardwise.checkpoint.errors import (
+    CheckpointArgumentError,
+    CheckpointCorruptError,
+    CheckpointError,
+    CheckpointIncompleteError,
+)
+from shardwise.checkpoint.files import MANIFEST, CheckpointReader, TensorSpec, read_latest, write_safetensors
 from shardwise.checkpoint.safety import atomic_file
 from shardwise.utils.logging import log_dist, logger
 
 
-def _check_tag(tag: str) -> str:
+def _check_tag(tag: Any) -> str:
     tag = str(tag)
-    if not tag or tag in (".", "..") or "/" in tag or os.sep in tag or tag.startswith(".tmp-"):
-        raise CheckpointError(f"checkpoint tag {tag!r} is not a plain directory name; use e.g. 'global_step100'")
+    if not tag or tag in (".", "..") or "/" in tag or os.sep in tag or tag.startswith(".tmp-") or "\0" in tag:
+        raise CheckpointArgumentError(f"checkpoint tag {tag!r} is not a plain directory name; use e.g. "
+                                      "'global_step100'")
     return tag
 
 
-def _agree(engine: Any, tag: str) -> tuple[str, str]:
-    """All ranks: the tag to use (rank 0's) and a fresh save id; applies ``checkpoint.tag_validation``."""
-    gathered = comm.all_gather_object((tag, secrets.token_hex(4)))
-    tags = sorted({t for t, _ in gathered})
+def _check_dir(path: Any, what: str) -> str:
+    """``path`` as a string; CheckpointArgumentError (a ValueError, as DeepSpeed raises) unless a non-empty path."""
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
+    if not isinstance(path, str) or not path:
+        raise CheckpointArgumentError(f"{what} must be a non-empty directory path, got {path!r}")
+    return path
+
+
+def _agree(engine: Any, save_dir: Any, tag: Any) -> tuple[str, str, str]:
+    """All ranks: (save_dir, tag to use (rank 0's), fresh save id); applies ``checkpoint.tag_validation``.
+
+    The arguments are checked inside the one collective, so a bad argument on any rank raises on every rank
+    instead of leaving the others waiting in the next collective.
+    """
+    problem = None
+    try:
+        save_dir = _check_dir(save_dir, "save_dir")
+        tag = _check_tag(tag if tag is not None else f"global_step{engine.global_steps}")
+    except CheckpointError as exc:
+        problem = str(exc)
+    gathered = comm.all_gather_object((str(tag), secrets.token_hex(4), problem))
+    bad = [(r, p) for r, (_, _, p) in enumerate(gathered) if p is not None]
+    if bad:
+        raise CheckpointArgumentError(f"save_checkpoint: {_by_rank(bad)}")
+    tags = sorted({t for t, _, _ in gathered})
     if len(tags) > 1:
         mode = engine.config.checkpoint.tag_validation
         msg = f"ranks passed different checkpoint tags {tags[:4]}; pass the same tag on every rank"
@@ -44,16 +72,55 @@ def _agree(engine: Any, tag: str) -> tuple[str, str]:
             raise CheckpointError(msg + " (checkpoint.tag_validation is 'Fail')")
         if mode == "Warn":
             logger.warning("%s; saving under rank 0's tag %r", msg, gathered[0][0])
-    return gathered[0][0], gathered[0][1]
+    return save_dir, gathered[0][0], gathered[0][1]
+
+
+def _by_rank(bad: list[tuple[int, str]]) -> str:
+    """"ranks 0, 1: <text>; rank 3: <other text>": each distinct message once, with the ranks that reported it."""
+    by_text: dict[str, list[int]] = {}
+    for rank, text in bad:
+        by_text.setdefault(text, []).append(rank)
+    return "; ".join(f"rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs[:8]))}: {text}"
+                     for text, rs in list(by_text.items())[:4])
+
+
+_KINDS = {cls.__name__: cls for cls in (CheckpointError, CheckpointCorruptError, CheckpointIncompleteError,
+                                        CheckpointArgumentError)}
+
+
+def _describe(error: BaseException) -> tuple[str, str]:
+    """One rank's failure: (its checkpoint error class, or "", and text). Our own errors speak for themselves."""
+    if type(error).__name__ in _KINDS and isinstance(error, CheckpointError):
+        return type(error).__name__, str(error)
+    return "", f"{type(error).__name__}: {error}"
 
 
 def _all_ok(error: BaseException | None, what: str) -> None:
-    """All ranks: raise the same error everywhere if any rank failed ``what``."""
-    errors = comm.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")
+    """All ranks: raise the same error (same class, same text) everywhere if any rank failed ``what``."""
+    errors = comm.all_gather_object(None if error is None else _describe(error))
     bad = [(r, e) for r, e in enumerate(errors) if e is not None]
     if bad:
-        detail = "; ".join(f"rank {r}: {e}" for r, e in bad[:4])
-        raise CheckpointError(f"{what} failed on {len(bad)} rank(s): {detail}") from error
+        detail = _by_rank([(r, text) for r, (_, text) in bad])
+        kinds = {kind for _, (kind, _) in bad}
+        cls = _KINDS[kinds.pop()] if len(kinds) == 1 and "" not in kinds else CheckpointError
+        raise cls(f"{what} failed on {len(bad)} rank(s): {detail}") from error
+
+
+def _sweep(save_dir: str) -> None:
+    """One rank per host: remove temporaries of killed saves (see [Note: stale temporaries]); never fails a save."""
+    if comm.get_local_rank() != 0:
+        return
+    try:
+        result = stale.sweep(save_dir)
+    except OSError as exc:
+        logger.debug("stale temporaries in %s not checked: %s", save_dir, exc)
+        return
+    if result.removed:
+        log_dist(f"removed {len(result.removed)} temporary file(s) ({result.removed_bytes / 2**20:.1f} MB) left by "
+                 f"killed saves in {save_dir}", ranks=None)
+    if result.kept:
+        logger.info("%d temporary file(s) (%.1f MB) in %s belong to saves of other hosts, boots or running "
+                    "processes; left in place", result.kept, result.kept_bytes / 2**20, save_dir)
 
 
 def save_checkpoint(engine: Any, save_dir: str, tag: str | None = None, client_state: dict | None = None,
@@ -68,7 +135,8 @@ def save_checkpoint(engine: Any, save_dir: str, tag: str | None = None, client_s
     """
     async_writer.wait(engine)
     start = time.perf_counter()
-    tag, save_id = _agree(engine, _check_tag(tag if tag is not None else f"global_step{engine.global_steps}"))
+    save_dir, tag, save_id = _agree(engine, save_dir, tag)
+    _sweep(save_dir)
     rank, world = comm.get_rank(), comm.get_world_size()
     background = bool(engine.config.checkpoint.async_save)
     error: BaseException | None = None
@@ -80,7 +148,7 @@ def save_checkpoint(engine: Any, save_dir: str, tag: str | None = None, client_s
     except Exception as exc:
         error = exc
     _all_ok(error, "preparing the checkpoint")
-    job = SaveJob(save_dir=str(save_dir), tag=tag, save_id=save_id, rank=rank, world_size=world, snapshot=snap,
+    job = SaveJob(save_dir=save_dir, tag=tag, save_id=save_id, rank=rank, world_size=world, snapshot=snap,
                   save_latest=save_latest)
     if background:
         async_writer.start(engine, job)
@@ -116,24 +184,44 @@ def _verify(reader: CheckpointReader) -> None:
         raise CheckpointCorruptError("; ".join(errors))
 
 
+def _open(engine: Any, load_dir: Any, tag: Any, module_only: bool) -> CheckpointReader | None:
+    """All ranks: the checkpoint to load (None: no ``latest`` and no tag). One collective: if any rank cannot open
+    it (bad argument, empty ``latest``, damaged manifest), every rank raises the same error."""
+    reader, error = None, None
+    try:
+        load_dir = _check_dir(load_dir, "load_dir")
+        if tag is None:
+            tag = read_latest(load_dir, universal=bool(engine.config.checkpoint.load_universal))
+        if tag is not None:
+            reader = CheckpointReader(os.path.join(load_dir, _check_tag(tag)))
+            if not module_only:
+                manifest_check.validate_training_state(reader.manifest, os.path.join(reader.tag_dir, MANIFEST))
+    except CheckpointError as exc:
+        error = exc
+    found = comm.all_gather_object(reader is not None)
+    _all_ok(error, "opening the checkpoint")
+    if any(found) and not all(found):
+        raise CheckpointIncompleteError(f"ranks {[r for r, f in enumerate(found) if not f]} found no 'latest' file "
+                                        f"in {load_dir} while others did: is {load_dir} shared by all nodes?")
+    return reader
+
+
 def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
                     load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                     load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, dict | None]:
     """Load a checkpoint saved by any layout (data-parallel size, ZeRO stage) into this engine.
 
     Returns ``(path of the tag directory, client_state)``, or ``(None, None)`` when ``tag`` is None and
-    ``load_dir`` has no ``latest`` file (as DeepSpeed). ``load_module_only`` loads the weights and nothing else;
-    ``load_optimizer_states=False`` keeps the optimizer fresh (the fp32 masters still come from the checkpoint).
+    ``load_dir`` has no ``latest`` file (as DeepSpeed); an empty or unreadable ``latest`` is an error, not "no
+    checkpoint". ``load_module_only`` loads the weights and nothing else; ``load_optimizer_states=False`` keeps the
+    optimizer fresh (the fp32 masters still come from the checkpoint). Every failure raises on every rank.
     """
     async_writer.wait(engine)
     start = time.perf_counter()
-    if tag is None:
-        tag = read_latest(str(load_dir), universal=bool(engine.config.checkpoint.load_universal))
-        if tag is None:
-            logger.warning("no 'latest' file in %s: pass tag=... to load a specific checkpoint; nothing loaded",
-                           load_dir)
-            return None, None
-    reader = CheckpointReader(os.path.join(str(load_dir), _check_tag(tag)))
+    reader = _open(engine, load_dir, tag, load_module_only)
+    if reader is None:
+        logger.warning("no 'latest' file in %s: pass tag=... to load a specific checkpoint; nothing loaded", load_dir)
+        return None, None
     try:
         _verify(reader)
         view = model_view.named_tensors(engine)
@@ -152,9 +240,9 @@ def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, load_mod
         restore.finish(engine)
     finally:
         reader.close()
-    layout = reader.manifest["layout"]
-    log_dist(f"loaded {reader.tag_dir} in {time.perf_counter() - start:.2f} s (saved by {layout['world_size']} "
-             f"rank(s), ZeRO stage {layout['zero_stage']})", ranks=[0])
+    layout = reader.manifest.get("layout", {})
+    log_dist(f"loaded {reader.tag_dir} in {time.perf_counter() - start:.2f} s (saved by "
+             f"{layout.get('world_size', '?')} rank(s), ZeRO stage {layout.get('zero_stage', '?')})", ranks=[0])
     return reader.tag_dir, client
 
 

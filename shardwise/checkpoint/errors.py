@@ -13,3 +13,8 @@ class CheckpointCorruptError(CheckpointError):
 
 class CheckpointIncompleteError(CheckpointError):
     """A tag directory has no committed manifest (its save never finished) or is not a shardwise checkpoint."""
+
+
+class CheckpointArgumentError(CheckpointError, ValueError):
+    """A checkpoint call got an unusable argument (``save_dir=None``, a tag with a ``/``); a ValueError, as DeepSpeed
+    raises for these."""

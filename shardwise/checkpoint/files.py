@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from shardwise.checkpoint import regions
+from shardwise.checkpoint import manifest_check, regions
 from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointIncompleteError
 from shardwise.checkpoint.safety import HashingWriter, atomic_file, check_size, fault_point, verify_file
 from shardwise.utils.progress import progress
@@ -224,14 +224,22 @@ def read_manifest(tag_dir: str) -> dict:
     try:
         with open(path, encoding="utf-8") as f:
             manifest = json.load(f)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise CheckpointCorruptError(f"{path} is not valid JSON ({exc}); restore it or load an earlier tag") from None
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise CheckpointCorruptError(f"{path} is not valid JSON ({reason}); restore it or load an earlier "
+                                     "tag") from None
+    except OSError as exc:
+        raise CheckpointCorruptError(f"{path} cannot be read ({exc.strerror or exc}); check its "
+                                     "permissions") from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointCorruptError(f"{path} is not a shardwise checkpoint manifest")
-    if manifest.get("version", 0) > VERSION:
-        raise CheckpointError(f"{path} has format version {manifest['version']}; this shardwise reads up to "
-                              f"{VERSION}: upgrade shardwise")
-    return manifest
+    version = manifest.get("version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise CheckpointCorruptError(f"{path}: version = {version!r} is not a format version number")
+    if version > VERSION:
+        raise CheckpointError(f"{path} has format version {version}; this shardwise reads up to {VERSION}: upgrade "
+                              "shardwise")
+    return manifest_check.validate(manifest, path, frozenset(_BY_NAME))
 
 
 class CheckpointReader:
@@ -249,8 +257,15 @@ class CheckpointReader:
         return self.manifest["files"]
 
     def file_path(self, index: int) -> str:
-        """Absolute path of file ``index``."""
-        return os.path.join(self.tag_dir, self.files[index]["name"])
+        """Path of file ``index``; refused if it resolves outside the tag directory (e.g. through a symbolic link)."""
+        path = os.path.join(self.tag_dir, self.files[index]["name"])
+        root = os.path.realpath(self.tag_dir)
+        if os.path.commonpath([root, os.path.realpath(path)]) != root:
+            raise CheckpointCorruptError(
+                f"{os.path.join(self.tag_dir, MANIFEST)}: files[{index}] = {self.files[index]['name']!r} resolves to "
+                f"{os.path.realpath(path)}, outside the checkpoint directory {root}; refusing to read it. Replace the "
+                "link with the file itself")
+        return path
 
     def verify(self, indices: Sequence[int] | None = None) -> list[str]:
         """Check size and sha256 of the given files (all by default); returns one error message per bad file."""
@@ -378,13 +393,25 @@ def failure_marker_name(rank: int, save_id: str) -> str:
 
 
 def read_latest(save_dir: str, universal: bool = False) -> str | None:
-    """The tag in ``save_dir/latest`` (``latest_universal`` first when ``universal``), or None if absent."""
+    """The tag in ``save_dir/latest`` (``latest_universal`` first when ``universal``), or None if there is none.
+
+    A ``latest`` file that exists but is empty, unreadable or not text is an error (CheckpointCorruptError), never
+    "no checkpoint": a script that resumes when a checkpoint exists must not silently start from scratch.
+    """
     names = (LATEST_UNIVERSAL, LATEST) if universal else (LATEST,)
     for name in names:
         path = os.path.join(save_dir, name)
-        if os.path.isfile(path):
+        if not os.path.lexists(path):
+            continue
+        try:
             with open(path, encoding="utf-8") as f:
-                tag = f.read().strip()
-            if tag:
-                return tag
+                tag = f.read(4096).strip()
+        except (OSError, ValueError) as exc:
+            raise CheckpointCorruptError(f"{path} cannot be read as a tag name ({exc}); write the tag to resume "
+                                         "from into it (e.g. global_step100), or pass tag=... explicitly") from None
+        if not tag:
+            raise CheckpointCorruptError(f"{path} is empty, so it names no checkpoint (a save that wrote `latest` "
+                                         "always writes a tag); write the tag to resume from into it, or pass "
+                                         "tag=... explicitly, or delete it to start from scratch")
+        return tag
     return None

@@ -8,13 +8,14 @@ read whole. Optimizer state that torch creates lazily is materialised first (``o
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 
 from shardwise.checkpoint import codec, model_view, optim_state, rng
-from shardwise.checkpoint.errors import CheckpointError
+from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointError
 from shardwise.checkpoint.files import WEIGHT_KINDS, CheckpointReader
 from shardwise.utils.logging import logger
 from shardwise.utils.progress import progress
@@ -26,6 +27,21 @@ def _fetcher(reader: CheckpointReader, file_index: int | None = None) -> Callabl
     """Reads entries of one file (default: the one holding rank 0's global tensors)."""
     index = reader.manifest.get("global_file", 0) if file_index is None else file_index
     return lambda key: reader.read_entry(index, key)
+
+
+@contextlib.contextmanager
+def _part(reader: CheckpointReader, what: str) -> Iterator[None]:
+    """Restoring ``what`` from the manifest: a malformed value there is a CheckpointCorruptError naming it, not a
+    KeyError or ValueError from deep inside a ``load_state_dict``."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (KeyError, IndexError, TypeError, ValueError, AttributeError, OverflowError) as exc:
+        detail = f"entry {exc.args[0]!r} is missing" if isinstance(exc, KeyError) and exc.args else str(exc)
+        raise CheckpointCorruptError(
+            f"{reader.tag_dir}/manifest.json: the saved {what} cannot be restored ({detail}); the manifest was damaged "
+            "or edited, or written by an incompatible version. Restore it from a copy, or load an earlier tag") from exc
 
 
 def republish(engine: Any) -> None:
@@ -136,11 +152,13 @@ def load_model(engine: Any, reader: CheckpointReader, view: model_view.ModelView
         else:
             _load_full(reader, mt, src)
     if optim:
-        optim_state.set_group_scalars(basic, saved_opt["groups"])
-        optim_state.set_hyperparameters(basic, saved_opt["param_groups"], _fetcher(reader))
+        with _part(reader, "optimizer state"):
+            optim_state.set_group_scalars(basic, saved_opt["groups"])
+            optim_state.set_hyperparameters(basic, saved_opt["param_groups"], _fetcher(reader))
     saved_extra = reader.manifest.get("module_extra")
     if extra and saved_extra:
-        engine.module.load_state_dict(codec.decode(saved_extra, _fetcher(reader)), strict=False)
+        with _part(reader, "module extra state"):
+            engine.module.load_state_dict(codec.decode(saved_extra, _fetcher(reader)), strict=False)
 
 
 @torch.no_grad()
@@ -187,25 +205,33 @@ def load_training_state(engine: Any, reader: CheckpointReader, *, scheduler: boo
     """Counters, loss scaler, LR scheduler (when ``scheduler``) and this rank's RNG states."""
     m = reader.manifest
     fetch = _fetcher(reader)
-    _restore_counters(engine, m["engine"])
+    with _part(reader, "step counters"):
+        _restore_counters(engine, m["engine"])
     saved_scaler = m["scaler"]
     if saved_scaler["type"] == type(engine.scaler).__name__:
-        engine.scaler.load_state_dict(codec.decode(saved_scaler["state"], fetch))
+        with _part(reader, "loss scaler state"):
+            engine.scaler.load_state_dict(codec.decode(saved_scaler["state"], fetch))
     else:
         logger.warning("loss scaler not restored: saved %s, this engine uses %s", saved_scaler["type"],
                        type(engine.scaler).__name__)
     sched = m.get("lr_scheduler")
     if scheduler and sched is not None and engine.lr_scheduler is not None:
-        engine.lr_scheduler.load_state_dict(codec.decode(sched["state"], fetch))
+        with _part(reader, "LR scheduler state"):
+            engine.lr_scheduler.load_state_dict(codec.decode(sched.get("state"), fetch))
     saved_world = m["layout"]["world_size"]
     if saved_world != world_size:
         logger.warning("RNG states not restored: saved by %d ranks, loading on %d (each rank keeps its own)",
                        saved_world, world_size)
         return
-    entry = next(r for r in m["ranks"] if r["rank"] == rank)
-    rng.restore(_fetcher(reader, entry["file"]), entry["rng"], lambda key: reader.has_entry(entry["file"], key))
+    entry = next((r for r in m["ranks"] if r["rank"] == rank), None)
+    if entry is None or entry.get("rng") is None:
+        raise CheckpointCorruptError(f"{reader.tag_dir}/manifest.json: no RNG state for rank {rank} although "
+                                     f"{saved_world} ranks saved it; restore the manifest, or load an earlier tag")
+    with _part(reader, f"RNG state of rank {rank}"):
+        rng.restore(_fetcher(reader, entry["file"]), entry["rng"], lambda key: reader.has_entry(entry["file"], key))
 
 
 def client_state(reader: CheckpointReader) -> dict:
     """The ``client_state`` dict passed to ``save_checkpoint``."""
-    return codec.decode(reader.manifest.get("client_state", {}), _fetcher(reader))
+    with _part(reader, "client_state"):
+        return codec.decode(reader.manifest.get("client_state", {}), _fetcher(reader))

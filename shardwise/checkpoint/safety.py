@@ -1,5 +1,8 @@
 """Crash-safe file primitives: write to a temporary name, fsync, rename atomically, fsync the directory.
 
+Temporary names say which process writes them (``stale.temporary_name``), so that those of a killed save can later
+be told apart from those of a save in progress (see [Note: stale temporaries]).
+
 Every checkpoint file goes through :func:`atomic_file`, so a reader sees either the previous complete file or the new
 complete file, never a prefix. Directory entries are fsynced after renames so that a power cut cannot resurrect the
 old name. ``sha256`` of every shard is computed while it is written (no second pass) and verified on load.
@@ -19,8 +22,10 @@ from collections.abc import Callable, Iterator
 from typing import Any, BinaryIO
 
 from shardwise.checkpoint.errors import CheckpointCorruptError
+from shardwise.checkpoint.stale import TMP_PREFIX, temporary_name
 
-TMP_PREFIX = ".tmp-"
+__all__ = ["TMP_PREFIX", "HashingWriter", "atomic_file", "atomic_write_bytes", "atomic_write_json", "check_size",
+           "fault_point", "fsync_dir", "sha256_file", "verify_file"]
 _CHUNK = 8 * 1024 * 1024
 
 #: Tests only: called with a point name ("shard-written", "before-commit", ...) during a save.
@@ -74,7 +79,7 @@ def atomic_file(path: str) -> Iterator[BinaryIO]:
     On any exception the temporary file is removed and ``path`` is untouched.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f"{TMP_PREFIX}{secrets.token_hex(4)}-{os.path.basename(path)}")
+    tmp = os.path.join(directory, temporary_name(os.path.basename(path), secrets.token_hex(4)))
     f = open(tmp, "wb")  # noqa: SIM115 - closed below on every path
     try:
         yield f

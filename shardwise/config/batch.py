@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from .errors import KIND_BATCH, ConfigError
 
 TBS, MICRO, GAS = "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"
+MAX_BATCH = 2**31 - 1  # samples per optimizer step: far above any real run, so a larger value is a mistake
 
 
 def _err(message: str, path: str = TBS) -> ConfigError:
@@ -65,6 +66,19 @@ def resolve_batch(train_batch_size: int | None, micro: int | None, gas: int | No
         if value is not None and value < 1:
             raise _err(f"{key} = {value}: must be a positive integer. Fix: set it to 1 or more (or remove "
                        "it and let the other batch keys determine it).", key)
+        if value is not None and value > MAX_BATCH:
+            raise _err(f"{key} = {value}: larger than any usable batch (at most {MAX_BATCH} = 2**31 - 1 samples; "
+                       "real global batches hold thousands). Fix: set the real batch size.",
+                       key)
+    tbs, micro, gas = _resolve(train_batch_size, micro, gas, dp, auto_keys)
+    if tbs > MAX_BATCH:
+        raise _err(f"{TBS} = {MICRO} {micro} x {GAS} {gas} x data-parallel size {dp} = {tbs}: larger than any "
+                   f"usable batch (at most {MAX_BATCH} = 2**31 - 1 samples). Fix: lower {MICRO} or {GAS}.")
+    return tbs, micro, gas
+
+
+def _resolve(train_batch_size: int | None, micro: int | None, gas: int | None, dp: int,
+             auto_keys: Sequence[str]) -> tuple[int, int, int]:
     tbs = train_batch_size
     if tbs is not None and micro is not None and gas is not None:
         product = micro * gas * dp

@@ -6,8 +6,12 @@ implement are not here: they live in the one editable table of ``support.py``.
 
 from __future__ import annotations
 
-from .errors import KIND_CONFLICT, Problem, show
+from .errors import KIND_CONFLICT, KIND_TYPE, Problem, show
+from .params import OPTIMIZER_RULES, SCHEDULER_RULES, check_params
 from .schema import SectionsConfig
+
+# A dynamic loss scale above 2**127 is inf in float32: every step would overflow.
+MAX_SCALE_POWER = 127
 
 
 def _p(path: str, message: str) -> Problem:
@@ -16,7 +20,11 @@ def _p(path: str, message: str) -> Problem:
 
 def cross_checks(cfg: SectionsConfig) -> list[Problem]:
     """Every cross-field problem of ``cfg`` (empty list when consistent)."""
-    problems = _precision_checks(cfg) + _zero_checks(cfg)
+    problems = _precision_checks(cfg) + _loss_scale_checks(cfg) + _overflow_check(cfg) + _zero_checks(cfg)
+    if cfg.optimizer is not None:
+        problems += check_params("optimizer.params", cfg.optimizer.params, OPTIMIZER_RULES)
+    if cfg.scheduler is not None:
+        problems += check_params("scheduler.params", cfg.scheduler.params, SCHEDULER_RULES)
     if cfg.optimizer is not None and "max_grad_norm" in cfg.optimizer.params:
         value = cfg.optimizer.params["max_grad_norm"]
         problems.append(_p("optimizer.params.max_grad_norm",
@@ -52,6 +60,52 @@ def _precision_checks(cfg: SectionsConfig) -> list[Problem]:
         problems.append(_p("bf16.bf16_optimizer_states", "bf16.bf16_optimizer_states = true needs "
                            "bf16.bf16_master_weights_and_grads = true. Fix: enable both or neither."))
     return problems
+
+
+def _loss_scale_checks(cfg: SectionsConfig) -> list[Problem]:
+    """fp16 dynamic loss scaling (``loss_scale`` 0): the window and the floor must let the scale work. DeepSpeed 0.19
+    refuses a window or floor <= 0 the same way; the ceiling and the floor above the start are shardwise's own."""
+    fp16 = cfg.fp16
+    if not fp16.enabled or fp16.loss_scale != 0:
+        return []  # static scaling or no fp16: these values are not used (DeepSpeed accepts them too)
+    problems = []
+    why = "with dynamic loss scaling (fp16.enabled true, fp16.loss_scale 0)"
+    if fp16.loss_scale_window < 1:
+        problems.append(Problem("fp16.loss_scale_window", f"fp16.loss_scale_window = {fp16.loss_scale_window}: must "
+                                f"be at least 1 {why}; the scale is raised after that many clean steps (DeepSpeed "
+                                "0.19 refuses it too). Fix: remove it (default 1000) or set e.g. 1000.", KIND_TYPE))
+    if fp16.min_loss_scale < 1:
+        problems.append(Problem("fp16.min_loss_scale", f"fp16.min_loss_scale = {fp16.min_loss_scale}: must be at "
+                                f"least 1 {why}; a floor of 0 lets the scale collapse and zero every gradient "
+                                "(DeepSpeed 0.19 refuses it too). Fix: remove it (default 1).", KIND_TYPE))
+    power = fp16.initial_scale_power
+    if not 0 <= power <= MAX_SCALE_POWER:
+        problems.append(Problem("fp16.initial_scale_power", f"fp16.initial_scale_power = {power}: expected 0 to "
+                                f"{MAX_SCALE_POWER}; the scale starts at 2**{power}, and above 2**{MAX_SCALE_POWER} "
+                                "every scaled loss is inf in float32. Fix: remove it (default 16) or set e.g. 16.",
+                                KIND_TYPE))
+    elif fp16.min_loss_scale > 2**power:
+        problems.append(_p("fp16.min_loss_scale", f"fp16.min_loss_scale = {show(fp16.min_loss_scale)} is above the "
+                           f"starting scale 2**fp16.initial_scale_power = 2**{power} = {2**power}: after the first "
+                           "overflow the scale would jump up to the floor and overflow on every step. Fix: lower "
+                           "min_loss_scale (default 1) or raise initial_scale_power."))
+    return problems
+
+
+def _overflow_check(cfg: SectionsConfig) -> list[Problem]:
+    """The shardwise key ``check_grad_overflow`` against the precision blocks that decide it too."""
+    value = cfg.check_grad_overflow
+    if value is False and cfg.fp16.enabled:
+        return [_p("check_grad_overflow", "check_grad_overflow = false with fp16.enabled: fp16 always skips steps "
+                   "whose gradients overflow (that is how dynamic loss scaling finds its scale). Fix: remove "
+                   "check_grad_overflow (it applies to fp32 and bf16 training).")]
+    bf16 = cfg.bf16
+    if value is not None and bf16.enabled and "check_grad_overflow" in bf16.model_fields_set and \
+            bf16.check_grad_overflow != value:
+        return [_p("check_grad_overflow", f"check_grad_overflow = {show(value)} but bf16.check_grad_overflow = "
+                   f"{show(bf16.check_grad_overflow)}: both decide whether bf16 steps with inf/nan gradients are "
+                   "skipped. Fix: keep only bf16.check_grad_overflow (DeepSpeed's key).")]
+    return []
 
 
 def _zero_checks(cfg: SectionsConfig) -> list[Problem]:

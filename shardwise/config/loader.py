@@ -60,6 +60,22 @@ def read_config_dict(source: Any) -> dict[str, Any]:
     return dict(source.raw) if isinstance(source, ShardwiseConfig) else read_source(source, [])
 
 
+def sequence_parallel_size(raw: dict[str, Any]) -> int:
+    """``sequence_parallel_size`` of a raw config (1 when absent, null or "auto"), validated: the engine needs it to
+    build the device mesh before the rest of the config can be resolved for the data-parallel size."""
+    value = raw.get("sequence_parallel_size")
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return 1
+    try:
+        size = _INT.validate_python(value)
+    except ValidationError as exc:
+        raise ConfigError.from_problems(problems_from_validation(exc, prefix="sequence_parallel_size")) from None
+    if size < 1:
+        raise ConfigError(f"sequence_parallel_size = {size}: expected a positive integer (the Ulysses degree). "
+                          "Fix: set it to 1 or more, or remove it.", path="sequence_parallel_size")
+    return size
+
+
 def _validate_batch_keys(data: dict[str, Any], problems: list[Problem]) -> dict[str, int | None]:
     values: dict[str, int | None] = {}
     for key in BATCH_KEYS:

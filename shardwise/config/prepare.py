@@ -7,7 +7,7 @@ One walk over the user's dict, guided by the schema classes:
 - "auto" values are dropped so the default applies, as DeepSpeed does for Hugging Face configs, and their
   paths recorded (``pipeline.stages: "auto"`` is a real value and is kept);
 - unknown keys inside a block are errors with a close-match suggestion; at the top level a near miss of a
-  known key is an error (DeepSpeed would silently ignore it) and anything else is a warning.
+  known key (``typos.py``) is an error (DeepSpeed would silently ignore it) and anything else is a warning.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Any
 from .errors import KIND_CONFLICT, KIND_TYPE, KIND_UNKNOWN_KEY, Problem, join_path, show, suggest
 from .schema import BATCH_KEYS, SectionsConfig
 from .schema_base import Section
+from .typos import near_miss
 
 # Dotted paths where the string "auto" is a meaningful value rather than "use the default".
 AUTO_IS_A_VALUE = frozenset({"pipeline.stages"})
@@ -27,9 +28,6 @@ AUTO_IS_A_VALUE = frozenset({"pipeline.stages"})
 _PARAM_DICTS = frozenset({"optimizer.params", "scheduler.params"})
 # Deprecated top-level keys -> the key that replaced them.
 _TOP_DEPRECATED = {"bfloat16": "bf16", "seq_parallel_comm_data_type": "seq_parallel_communication_data_type"}
-# Top-level near-miss detection threshold (difflib ratio); 0.8 catches zero_optimisation but not
-# cuda_visible_devices-style extra keys.
-_TOP_CUTOFF = 0.8
 
 
 @dataclass
@@ -94,19 +92,30 @@ def prepare(raw: dict[str, Any]) -> Prepared:
     return out
 
 
+# What DeepSpeed's silent ignoring of a misspelled key would do to the run.
+_CONSEQUENCE = {
+    "zero_optimization": "ZeRO would be disabled",
+    "fp16": "training would run without fp16",
+    "bf16": "training would run without bf16",
+    "optimizer": "the config's optimizer would not be built",
+    "scheduler": "no learning-rate schedule would run",
+    "gradient_clipping": "the default clipping (1.0) would apply instead",
+    "communication_data_type": "gradients would travel in the training dtype",
+}
+
+
 def _unknown_top_level(key: str, value: Any, known: set[str], out: Prepared) -> None:
-    close = suggest(key, known, cutoff=_TOP_CUTOFF)
+    close = near_miss(key, known)
     if close is None:
         out.warnings.append(f"{key}: not a DeepSpeed config key; ignored (DeepSpeed ignores it too).")
         return
-    consequence = ""
-    if close == "zero_optimization":
-        consequence = " and ZeRO would be disabled"
-    elif close in ("fp16", "bf16"):
-        consequence = f" and training would run without {close}"
+    consequence = f" and {_CONSEQUENCE[close]}" if close in _CONSEQUENCE else ""
+    fix = f"rename '{key}' to '{close}'"
+    if close == "zero_optimization" and not isinstance(value, dict):
+        fix = f"write \"zero_optimization\": {{\"stage\": {show(value)}}} instead of '{key}'"
     out.problems.append(Problem(
         key, f"{key}: unknown top-level key; did you mean '{close}'? DeepSpeed would silently ignore "
-        f"'{key}'{consequence}; shardwise refuses it. Fix: rename '{key}' to '{close}'.", KIND_UNKNOWN_KEY))
+        f"'{key}'{consequence}; shardwise refuses it. Fix: {fix}.", KIND_UNKNOWN_KEY))
 
 
 def _legacy_zero_flag(top: dict[str, Any], out: Prepared) -> None:

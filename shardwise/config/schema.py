@@ -15,7 +15,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import Field
 
-from .schema_base import AnyDict, Bool, Dtype, Float, PosInt, Section, Str, lowered
+from .schema_base import AnyDict, Bool, Dtype, Float, PosFloat, PosInt, Section, Str, lowered
 from .schema_monitor import (
     AioConfig,
     AutotuningConfig,
@@ -66,9 +66,14 @@ class SectionsConfig(Section):
     """Log progress every N optimizer steps; null = never (DeepSpeed's docs say 10, its code None)."""
     gradient_clipping: Float = 1.0
     """Clip the global gradient norm to this value; 0 = off. 1.0 in DeepSpeed 0.19 (0.0 in 0.14/0.16)."""
+    check_grad_overflow: Bool | None = None
+    """shardwise only: skip the optimizer step when the global gradient norm is inf/nan (no update, optimizer state
+    untouched, LR schedule not advanced). null = each precision's default: fp16 always skips, bf16 follows
+    bf16.check_grad_overflow (DeepSpeed 0.19, default true), fp32 applies the update as DeepSpeed does. true/false
+    sets it for fp32 and bf16."""
     prescale_gradients: Bool = False
     """Divide gradients by the data-parallel size before the all-reduce instead of after."""
-    gradient_predivide_factor: Float = 1.0
+    gradient_predivide_factor: PosFloat = 1.0
     """Divide gradients by this factor before the all-reduce (and by dp/factor after)."""
     gradient_allreduce_op: lowered(Literal["mean", "sum"]) = "mean"
     """Average ("mean") or add ("sum") data-parallel gradients (DeepSpeed 0.19)."""

@@ -30,24 +30,38 @@ def _to_bool(value: Any) -> Any:
     raise _fail("true or false", "write a JSON boolean without quotes: true or false")
 
 
+# Every integer setting is used as a 64-bit count or size; a larger one (e.g. 1e308 written for "infinite") would
+# only fail later, deep inside torch or a loop, so it is refused here.
+INT_LIMIT = 2**63 - 1
+
+
 def _to_int(value: Any) -> Any:
     if isinstance(value, bool):
         raise _fail("an integer, not a boolean", "write a whole number, e.g. 8")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
-        return int(value)  # 5e8 in JSON is a float; DeepSpeed accepts it for integer fields
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _fail("a finite integer", "write a whole number, e.g. 8")
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)  # 5e8 in JSON is a float; DeepSpeed accepts it for integer fields
     if isinstance(value, float):
         raise _fail("an integer (this number has a fractional part)", "write a whole number")
-    raise _fail("an integer", "write a JSON number without quotes, e.g. 8")
+    if not isinstance(value, int):
+        raise _fail("an integer", "write a JSON number without quotes, e.g. 8")
+    if abs(value) > INT_LIMIT:
+        raise _fail(f"an integer of magnitude at most 2**63 - 1 = {INT_LIMIT}",
+                    "use a realistic value (no setting counts beyond 64 bits)")
+    return value
 
 
 def _to_float(value: Any) -> Any:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise _fail("a number", "write a JSON number without quotes, e.g. 1.0")
+    try:
+        value = float(value)
+    except OverflowError:  # an integer beyond float range
+        raise _fail("a finite number", "write a number below 1.8e308") from None
     if not math.isfinite(value):
         raise _fail("a finite number", "write a finite number")
-    return float(value)
+    return value
 
 
 def _to_str(value: Any) -> Any:
@@ -91,6 +105,7 @@ NonNegInt = Annotated[int, BeforeValidator(_to_int), Field(ge=0)]
 PosInt = Annotated[int, BeforeValidator(_to_int), Field(ge=1)]
 Float = Annotated[float, BeforeValidator(_to_float)]
 NonNegFloat = Annotated[float, BeforeValidator(_to_float), Field(ge=0.0)]
+PosFloat = Annotated[float, BeforeValidator(_to_float), Field(gt=0.0)]
 Fraction = Annotated[float, BeforeValidator(_to_float), Field(ge=0.0, le=1.0)]
 Str = Annotated[str, BeforeValidator(_to_str)]
 Dtype = Annotated[Literal["fp32", "fp16", "bf16"], BeforeValidator(_to_dtype)]

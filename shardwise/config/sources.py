@@ -4,6 +4,9 @@ Accepted: a dict (any Mapping); a path to a JSON file (hjson when the ``hjson`` 
 DeepSpeed uses); a urlsafe-base64 string of JSON; a JSON text; an ``argparse.Namespace`` carrying
 ``deepspeed_config`` (or the deprecated ``deepscale_config``). Duplicate keys are an error, as in DeepSpeed,
 and JSON syntax errors show the line and spot likely causes (unsubstituted template placeholders, comments).
+Whatever the source, the result is checked for shape before anything else reads it (:func:`check_shape`): keys are
+strings and nesting is at most ``MAX_DEPTH`` levels, so a hostile or broken input (50,000 nested arrays, a 5000-digit
+number, ``{1: 2}``) is a ConfigError naming the place, never a RecursionError or AttributeError.
 """
 
 from __future__ import annotations
@@ -16,7 +19,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from .errors import KIND_PARSE, KIND_SOURCE, ConfigError
+from .errors import KIND_PARSE, KIND_SOURCE, KIND_TYPE, ConfigError, join_path, show
+
+# Real ds_configs nest 4-5 levels and hold a few hundred values; anything far beyond is generated or corrupted.
+MAX_DEPTH = 64
+MAX_VALUES = 100_000
 
 HOW_TO_PASS = ("Pass a config as config=<dict>, config=\"ds_config.json\" (a path), a urlsafe-base64 JSON string, "
                "or on the command line with --deepspeed_config ds_config.json (parser set up by "
@@ -75,9 +82,48 @@ def parse_text(text: str, label: str) -> dict[str, Any]:
         reason = getattr(exc, "msg", str(exc))
         raise ConfigError(f"{label}: not valid JSON at line {lineno} column {colno}: {reason}."
                           f"{_syntax_hint(text, lineno, colno)}", kind=KIND_PARSE) from None
+    except RecursionError:
+        raise ConfigError(f"{label}: the JSON is nested too deeply to parse (a real config nests a few levels; at "
+                          f"most {MAX_DEPTH} are accepted). Fix: check the file for runaway brackets [[[ or {{{{{{.",
+                          kind=KIND_PARSE) from None
+    except ValueError as exc:  # Python refuses integer literals of more than 4300 digits
+        why = "it holds an integer with thousands of digits" if "digits" in str(exc) else str(exc)
+        raise ConfigError(f"{label}: not a usable JSON document: {why}. Fix: write numbers with at most a few "
+                          "dozen digits (use 5e8 notation for large values).", kind=KIND_PARSE) from None
     if not isinstance(data, dict):
         raise ConfigError(f"{label}: the config must be a JSON object {{...}} at the top level, not "
                           f"{type(data).__name__}. Fix: wrap the settings in {{ }}.", kind=KIND_PARSE)
+    return check_shape(data, label)
+
+
+def check_shape(data: dict[str, Any], label: str = "config") -> dict[str, Any]:
+    """``data`` unchanged if every key is a string and nesting stays within ``MAX_DEPTH``; else ConfigError.
+
+    Iterative (an explicit stack), so a pathological input cannot exhaust Python's recursion limit here.
+    """
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    seen = 0
+    while stack:
+        node, path, depth = stack.pop()
+        seen += 1
+        if seen > MAX_VALUES:
+            raise ConfigError(f"{label}: more than {MAX_VALUES} values (a real config has a few hundred). Fix: "
+                              "check that the right file is given, or for a structure that refers to itself.",
+                              kind=KIND_PARSE)
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{label}: {path or 'the config'} is nested more than {MAX_DEPTH} levels deep (a real "
+                              "config nests a few). Fix: check for runaway brackets or a self-referencing structure.",
+                              path=path, kind=KIND_PARSE)
+        if isinstance(node, Mapping):
+            for key, value in node.items():
+                if not isinstance(key, str):
+                    where = join_path(path, show(key))
+                    raise ConfigError(f"{label}: key {show(key)} (of type {type(key).__name__}) at {where}: config "
+                                      "keys must be strings, as in JSON. Fix: write the key in double quotes.",
+                                      path=where, kind=KIND_TYPE)
+                stack.append((value, join_path(path, key), depth + 1))
+        elif isinstance(node, (list, tuple)):
+            stack.extend((value, join_path(path, i), depth + 1) for i, value in enumerate(node))
     return data
 
 
@@ -125,7 +171,7 @@ def read_source(source: Any, warnings: list[str]) -> dict[str, Any]:
     if source is None:
         raise ConfigError("no config given. " + HOW_TO_PASS, kind=KIND_SOURCE)
     if isinstance(source, Mapping):
-        return dict(source)
+        return check_shape(dict(source))
     if isinstance(source, bytes):
         source = source.decode("utf-8")
     if isinstance(source, str):

@@ -171,6 +171,9 @@ FEATURES: tuple[Feature, ...] = (
     Feature("memory_breakdown", S),  # engine
     Feature("communication_data_type", S, note='"fp32", "fp16", "bf16"'),  # zero/reducer.py, zero/stage3.py
     Feature("gradient_clipping", S),  # engine
+    Feature("check_grad_overflow", S, note="shardwise's own key: skip inf/nan steps in fp32 and bf16"),  # engine
+    Feature("zero_optimization.ignore_unused_parameters", S,  # engine/guards.py
+            note="false: ZeRO-1/2 with optimizer offload raises on every rank when a parameter gets no gradient"),
     Feature("optimizer.type", N, KNOWN_OPTIMIZER, _OPTIMIZERS),  # engine/optimizers.py
     Feature("scheduler.type", N, KNOWN_SCHEDULER, _SCHEDULERS),  # engine/lr_schedules.py
     Feature("checkpoint.tag_validation", S),  # checkpoint/engine.py
@@ -200,7 +203,6 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.stage3_use_all_reduce_for_fetch_params", H),  # collective choice
     Feature("zero_optimization.stage3_allgather_sequential", H),  # collective scheduling
     Feature("zero_optimization.stage3_partition_stream_chunk_size", H),  # partitioning memory
-    Feature("zero_optimization.ignore_unused_parameters", H),  # unused params are always tolerated
     Feature("zero_optimization.load_from_fp32_weights", H),  # our checkpoints always hold fp32 masters
     Feature("zero_optimization.memory_efficient_linear", H),  # memory only
     Feature("zero_optimization.override_module_apply", H),  # module.apply sees gathered params

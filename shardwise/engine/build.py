@@ -12,7 +12,8 @@ Tensor/pipeline splitting and ZeRO-3 slot in before (3) as they land; see ARCHIT
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import torch
@@ -21,6 +22,8 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
+from shardwise.config import ConfigError
+from shardwise.config.errors import show
 from shardwise.engine.dataloader import build_dataloader
 from shardwise.engine.engine import Engine, _log_build
 from shardwise.engine.lr_schedules import build_scheduler
@@ -91,7 +94,8 @@ def _build_basic_optimizer(module: nn.Module, config: Any, optimizer: Any, model
     if optimizer is None and config.optimizer is None:
         return None
     if optimizer is None:
-        return build_optimizer(config.optimizer.type, dict(config.optimizer.params), params, offload=offload)
+        with _config_block("optimizer", config.optimizer):
+            return build_optimizer(config.optimizer.type, dict(config.optimizer.params), params, offload=offload)
     if isinstance(optimizer, torch.optim.Optimizer):
         basic = optimizer
     elif callable(optimizer):
@@ -128,7 +132,7 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
     # the parameters' actual dtype (the config's, or float64 for a double-precision model)
     dtype = next((p.dtype for p in module.parameters() if p.requires_grad), model_dtype(config))
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    explicit = config.raw.get("zero_optimization", {}) if isinstance(config.raw, dict) else {}
+    explicit = zc.model_fields_set  # keys the user wrote (``"zero_optimization": null`` or absent: none)
     bucket = default_bucket_numel(trainable, zc.reduce_bucket_size if "reduce_bucket_size" in explicit else None)
     accum = config.data_types.grad_accum_dtype or (default_accum if config.bf16.enabled else None)
     # the BF16 optimizer (ZeRO-1 with fp32 gradient accumulation) serves bf16 at stage 0 or 1 when fp32
@@ -211,5 +215,20 @@ def _build_scheduler(config: Any, lr_scheduler: Any, basic: torch.optim.Optimize
     if config.scheduler is not None:
         if basic is None:
             raise EngineBuildError("the config has a `scheduler` but no optimizer was given or configured")
-        return build_scheduler(config.scheduler.type, dict(config.scheduler.params), basic)
+        with _config_block("scheduler", config.scheduler):
+            return build_scheduler(config.scheduler.type, dict(config.scheduler.params), basic)
     return None
+
+
+@contextlib.contextmanager
+def _config_block(path: str, block: Any) -> Iterator[None]:
+    """A constructor's complaint about the config's ``optimizer`` / ``scheduler`` values, as a ConfigError naming
+    the block (the value checks in ``config/params.py`` catch most of them before; this covers the rest)."""
+    try:
+        yield
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        given = {"type": block.type, "params": dict(block.params)}
+        raise ConfigError(f"{path} = {show(given)}: {exc}. Fix: correct {path}.params (see docs/optimizers.md).",
+                          path=f"{path}.params") from exc

@@ -21,11 +21,17 @@ from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
 from shardwise.engine import model_parallel
+from shardwise.engine.guards import NonFiniteMonitor, check_unused_parameters
 from shardwise.engine.precision import cast_inputs_half
 from shardwise.engine.step_log import StepLog
 from shardwise.monitor.training import TrainingObserver
 from shardwise.utils.logging import log_dist, logger
 from shardwise.utils.timers import Timers
+
+
+class EngineUsageError(RuntimeError, AssertionError):
+    """An engine method called where it cannot work (``step()`` inside ``no_sync()``, ``no_sync()`` with ZeRO-2/3);
+    an AssertionError too, as DeepSpeed raises for these."""
 
 
 class Engine(nn.Module):
@@ -49,6 +55,7 @@ class Engine(nn.Module):
         self._boundary_override: bool | None = None
         self._in_no_sync = False
         self._global_grad_norm: float | None = None
+        self._nonfinite = NonFiniteMonitor(config)
         self._step_started: float | None = None
         self.timers = Timers(synchronize=config.wall_clock_breakdown)
         self.step_log = StepLog(config.steps_per_print, config.train_batch_size)
@@ -175,7 +182,7 @@ class Engine(nn.Module):
     def no_sync(self) -> Iterator[None]:
         """Accumulate gradients locally without communication (stages 0 and 1 only, as DeepSpeed)."""
         if self.zero_optimization_stage() >= 2:
-            raise RuntimeError(
+            raise EngineUsageError(
                 f"no_sync() is not compatible with ZeRO stage {self.zero_optimization_stage()}: gradients are "
                 "partitioned during backward; use gradient_accumulation_steps instead"
             )
@@ -207,7 +214,7 @@ class Engine(nn.Module):
             raise ValueError("backward() got a loss that does not require grad; was it computed under no_grad()?")
         if self._step_started is None:
             self._step_started = time.perf_counter()
-        self.step_log.record_loss(loss)
+        self._nonfinite.on_loss(self.step_log.record_loss(loss), self.global_steps + 1, self.micro_steps)
         scaled = loss
         if scale_wrt_gas and self.gradient_accumulation_steps() > 1:
             scaled = scaled / self.gradient_accumulation_steps()
@@ -224,17 +231,21 @@ class Engine(nn.Module):
         """At an accumulation boundary: reduce, clip, update, schedule, zero; otherwise just count the micro-step."""
         if self.strategy is None:
             raise RuntimeError("step() needs an optimizer: pass one to initialize() or set `optimizer` in config")
-        if self.is_gradient_accumulation_boundary() and not self._in_no_sync:
+        if self._in_no_sync:  # every rank inside no_sync() raises here, before any collective (as DeepSpeed)
+            raise EngineUsageError("It is illegal to call Engine.step() inside no_sync context manager: gradients "
+                                   "accumulated there are not reduced yet. Call step() after the `with` block")
+        if self.is_gradient_accumulation_boundary():
             with self.timers("step"):
                 self._take_model_step(lr_kwargs or {})
         self.micro_steps += 1
 
     def _take_model_step(self, lr_kwargs: dict[str, Any]) -> None:
         self.strategy.finish_gradients()
+        check_unused_parameters(self)
         model_parallel.sync_sequence_parallel_grads(self.strategy, self.module, self.topology)
         norm = self._global_norm()
         scale = self._grad_scale_factor()
-        overflow = not math.isfinite(norm) and (self.fp16_enabled() or self._checks_bf16_overflow())
+        overflow = self._nonfinite.on_norm(norm, self.global_steps + 1)  # the same on every rank: norm is reduced
         if overflow:
             self.skipped_steps += 1
             self.scaler.update(True)
@@ -258,6 +269,8 @@ class Engine(nn.Module):
         extras = {"scale": f"{self.scaler.scale:g}"} if self.fp16_enabled() else {}
         if self.skipped_steps:
             extras["skipped"] = self.skipped_steps
+        if self._nonfinite.steps:
+            extras["nonfinite"] = self._nonfinite.steps
         lr = self.get_lr()[0] if self.get_lr() else 0.0
         self.step_log.on_step(self.global_steps, lr, elapsed, extras)
         self._observer.after_step()
@@ -266,9 +279,6 @@ class Engine(nn.Module):
             times = " | ".join(f"{k} {v:.1f} ms" for k, v in self.timers.summary_ms().items())
             log_dist(f"time (last {self._config.steps_per_print} steps): {times}", ranks=[0])
             self.timers.reset()
-
-    def _checks_bf16_overflow(self) -> bool:
-        return self.bfloat16_enabled() and getattr(self._config.bf16, "check_grad_overflow", False)
 
     def _grad_scale_factor(self) -> float:
         """Multiplier turning summed, loss-scaled gradients into averaged, unscaled ones."""

@@ -36,13 +36,14 @@ class StepLog:
         self.step_loss: tuple[float, int] = (0.0, 0)
         self.last: dict[str, Any] = {}
 
-    def record_loss(self, loss: torch.Tensor) -> None:
-        """Add one micro-batch loss (detached, any dtype)."""
+    def record_loss(self, loss: torch.Tensor) -> float:
+        """Add one micro-batch loss (detached, any dtype); returns it as a float."""
         value = float(loss.detach().float())
         self._loss_sum += value
         self._loss_count += 1
         self._step_loss_sum += value
         self._step_loss_count += 1
+        return value
 
     def on_step(self, step: int, lr: float, step_seconds: float, extras: dict[str, Any]) -> None:
         """Called after every optimizer step; prints when ``step`` is a multiple of ``steps_per_print``."""

@@ -110,6 +110,10 @@ class FlatStrategy:
         self.optimizer.zero_grad()
         self.reducer.reset_window()
 
+    def unused_parameters(self) -> list[nn.Parameter]:
+        """Trainable parameters that received no gradient since the last optimizer step."""
+        return [self.reducer.groups[gi].params[pi] for gi, pi in self.reducer.untouched()]
+
     def remove_hooks(self) -> None:
         """Detach from autograd (``engine.destroy()``)."""
         for h in self._hooks:

@@ -43,6 +43,7 @@ class GradReducer:
         self._launched: set[tuple[int, int]] = set()
         self._staging: dict[tuple[int, int], torch.Tensor] = {}
         self._inflight: deque[_InFlight] = deque()
+        self._touched: set[tuple[int, int]] = set()  # (group, param) that got a gradient in this window
 
     # -- called by the engine ---------------------------------------------------------------------------------------
     def begin_backward(self, reduce: bool) -> None:
@@ -73,6 +74,12 @@ class GradReducer:
     def reset_window(self) -> None:
         """Start a new accumulation window (after the optimizer step)."""
         self._fresh = True
+        self._touched.clear()
+
+    def untouched(self) -> list[tuple[int, int]]:
+        """(group, param) indices that received no gradient in this accumulation window (unused parameters)."""
+        return [(gi, pi) for gi, g in enumerate(self.groups) for pi in range(len(g.params))
+                if (gi, pi) not in self._touched]
 
     # -- called by the hooks ----------------------------------------------------------------------------------------
     def on_grad_ready(self, gi: int, pi: int) -> None:
@@ -80,6 +87,7 @@ class GradReducer:
         g = self.groups[gi]
         p = g.params[pi]
         grad = p.grad
+        self._touched.add((gi, pi))
         if self.policy.grads_are_param_views:
             view = g.param_view(g.full_grad, pi)
             if grad is not None and grad.data_ptr() != view.data_ptr():

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -129,7 +129,7 @@ class Stage3Strategy:
     """The strategy protocol (see ``flat_strategy.py``) for ZeRO stage 3."""
 
     def __init__(self, module: nn.Module, basic: torch.optim.Optimizer, policy: ZeroPolicy, group: Group,
-                 shard_comm: Any, zero_config: Any, explicit: dict[str, Any]) -> None:
+                 shard_comm: Any, zero_config: Any, explicit: Collection[str]) -> None:
         self.policy, self.group, self.name = policy, group, "ZeRO-3"
         self.module = module
         self.shard_comm = shard_comm
@@ -206,7 +206,7 @@ class Stage3Strategy:
         root = self._unit_root[unit.uid]
         return root == "" or module_name == root or module_name.startswith(root + ".")
 
-    def _prefetch_limits(self, zc: Any, explicit: dict[str, Any]) -> tuple[int, int, int]:
+    def _prefetch_limits(self, zc: Any, explicit: Collection[str]) -> tuple[int, int, int]:
         """(prefetch bucket, max live, reuse distance) in elements: the config's values where given, else sized
         from the units. DeepSpeed's defaults (5e7 / 1e9 / 1e9) keep every unit of a model below a billion
         parameters gathered for the whole step, so ZeRO-3 saves no parameter memory; ours prefetch the next unit

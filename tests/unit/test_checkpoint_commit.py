@@ -132,7 +132,7 @@ def test_consolidation_of_a_synthetic_checkpoint(tmp_path) -> None:
     index = json.loads((tmp_path / "dir" / "model.safetensors.index.json").read_text())
     assert index["metadata"]["total_size"] == 48 + 48 + 8 + 24 and len(set(index["weight_map"].values())) == 3
     with pytest.raises(CheckpointIncompleteError, match="no 'latest' file"):
-        main([str(tmp_path), str(tmp_path / "x")])
+        convert_zero_checkpoint_to_fp32_state_dict(str(tmp_path), str(tmp_path / "x"))
 
 
 def test_parse_size() -> None:
