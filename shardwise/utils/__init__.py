@@ -1,6 +1,5 @@
 """Utilities users import from ``deepspeed.utils``: logging, ZeRO inspection helpers, RepeatingLoader."""
 
-from shardwise.utils import zero_to_fp32
 from shardwise.utils.logging import log_dist, logger
 from shardwise.utils.repeating_loader import RepeatingLoader
 from shardwise.utils.zero_inspect import (
@@ -21,6 +20,12 @@ from shardwise.utils.zero_inspect import (
 
 
 def __getattr__(name: str):
+    # Lazy: zero_to_fp32 imports checkpoint/, which imports utils.progress; loading it eagerly here would make
+    # ``import shardwise.utils.progress`` from inside checkpoint/ a cycle.
+    if name == "zero_to_fp32":
+        import importlib
+
+        return importlib.import_module("shardwise.utils.zero_to_fp32")
     if name == "OnDevice":  # deepspeed.utils.OnDevice; lives with the inference engine
         from shardwise.inference.on_device import OnDevice
 
