@@ -77,11 +77,16 @@ def _topology(raw: dict[str, Any], model: Any, mpu: Any, mesh_param: Any) -> Top
     """The process grid: a pipeline module's own topology, a Megatron-style mpu's, or data (x sequence) parallel."""
     if _is_pipeline_module(model):
         return model.topology()
+    sp = int(raw.get("sequence_parallel_size", 1) or 1)
     if mpu is not None:
         from shardwise.tp.mpu import topology_from_mpu
 
-        return topology_from_mpu(mpu)
-    sp = int(raw.get("sequence_parallel_size", 1) or 1)
+        topology = topology_from_mpu(mpu)
+        if sp > 1 and sp != topology.size("sp"):
+            raise ValueError(f"sequence_parallel_size = {sp} in the config, but the mpu passed to initialize() has "
+                             f"a sequence-parallel size of {topology.size('sp')}; make them equal or drop the key "
+                             "(the mpu decides)")
+        return topology
     if mesh_param is not None:
         _, sp = mesh_param
     return Topology(sp=sp)
