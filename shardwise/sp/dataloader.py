@@ -32,6 +32,7 @@ import torch
 
 from shardwise import comm
 from shardwise.comm.group import Group
+from shardwise.comm.topology import Topology
 from shardwise.tp.mappings import all_gather_dim, resolve_group
 
 IGNORE_INDEX = -100
@@ -46,8 +47,7 @@ class UlyssesSPDataLoaderAdapter:
 
     def __init__(self, dl: Iterable, sp_rank: int, sp_group: Any, sp_world_size: int, device: Any,
                  pad_to_sp_multiple: bool = True, pad_token_id: int = 0) -> None:
-        group = sp_group.sp_group if hasattr(sp_group, "sp_group") and not isinstance(sp_group, Group) else sp_group
-        self.group = resolve_group(group)
+        self.group = sp_group.sp_group if isinstance(sp_group, Topology) else resolve_group(sp_group)
         if self.group.size != sp_world_size or self.group.rank != sp_rank:
             raise ValueError(f"UlyssesSPDataLoaderAdapter: sp_rank={sp_rank}, sp_world_size={sp_world_size} but the "
                              f"sp_group {self.group} has this rank at {self.group.rank} of {self.group.size}")

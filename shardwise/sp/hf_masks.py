@@ -88,7 +88,7 @@ def sdpa_mask(seq: FullSequence, length: int, window: int | None, device: torch.
 
 def eager_mask(seq: FullSequence, length: int, window: int | None, device: torch.device,
                dtype: torch.dtype) -> torch.Tensor:
-    """The additive float mask transformers gives ``eager`` attention: 0 where visible, the dtype's minimum elsewhere."""
+    """The additive float mask transformers gives ``eager``: 0 where visible, the dtype's minimum elsewhere."""
     allowed = visible(seq, length, window, device)
     zero = torch.zeros((), device=device, dtype=dtype)
     return torch.where(allowed, zero, torch.finfo(dtype).min)

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +30,7 @@ from torch import nn
 
 from shardwise import comm
 from shardwise.comm.group import Group
+from shardwise.comm.topology import Topology
 from shardwise.tp.mappings import resolve_group
 
 IGNORE_INDEX = -100
@@ -74,7 +75,9 @@ class _TiledLoss(torch.autograd.Function):
                 g = grads.pop(0)
                 if g is not None:
                     x_grad[offset: offset + xc.shape[0]] = g
-            acc = [a if g is None else g if a is None else a + g for a, g in zip(acc, grads)]
+            for i, g in enumerate(grads):  # in place: one weight-sized buffer, plus this chunk's
+                if g is not None:
+                    acc[i] = g if acc[i] is None else acc[i].add_(g)
             offset += xc.shape[0]
         it = iter(acc)
         weight_grads = [next(it) if ctx.needs_input_grad[7 + i] else None for i in range(len(weights))]
@@ -154,14 +157,20 @@ def tiled_cross_entropy_sum(hidden_states: torch.Tensor, lm_head: nn.Module, shi
     return loss_sum, (shift_labels != IGNORE_INDEX).sum()
 
 
-def _sp_group_and_factor(group: Any) -> tuple[Group, float]:
+class _Engine(Protocol):
+    """What the reduction reads from an engine."""
+
+    topology: Topology
+    sequence_parallel_grads_averaged: bool
+
+
+def _sp_group_and_factor(group: Group | Topology | _Engine | Any) -> tuple[Group, float]:
     """(group, gradient factor): an engine says whether it averages sequence-parallel gradients (then x sp)."""
-    topology = getattr(group, "topology", None)
-    if topology is not None and hasattr(topology, "sp_group"):  # an engine
-        g = topology.sp_group
-        return g, float(g.size) if getattr(group, "sequence_parallel_grads_averaged", False) else 1.0
-    if hasattr(group, "sp_group") and not isinstance(group, Group):  # a Topology
+    if isinstance(group, Topology):
         return group.sp_group, 1.0
+    if isinstance(getattr(group, "topology", None), Topology):  # an engine
+        g = group.topology.sp_group
+        return g, float(g.size) if group.sequence_parallel_grads_averaged else 1.0
     return resolve_group(group), 1.0
 
 
