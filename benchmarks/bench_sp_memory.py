@@ -54,8 +54,12 @@ def memory_rank(seq: int, sp: int, tiled: bool) -> dict:
     import transformers as tf
 
     from shardwise.accelerator import get_accelerator
-    from shardwise.sp import UlyssesSPAttentionHF, UlyssesSPDataLoaderAdapter, sequence_parallel_mean
-    from shardwise.sp import tiled_cross_entropy_sum
+    from shardwise.sp import (
+        UlyssesSPAttentionHF,
+        UlyssesSPDataLoaderAdapter,
+        sequence_parallel_mean,
+        tiled_cross_entropy_sum,
+    )
 
     torch.manual_seed(0)
     model = tf.LlamaForCausalLM(tf.LlamaConfig(attn_implementation="sdpa", use_cache=False, **MODEL))
@@ -136,7 +140,8 @@ def main(argv: list[str] | None = None) -> str:
             print(lines[-1], flush=True)
     if args.budget_mb:
         budget = int(args.budget_mb * 2**20)
-        lines += ["", f"Longest sequence (power of two from {seqs[0]}) whose step fits {args.budget_mb:g} MB per rank:",
+        lines += ["", f"Longest sequence (power of two from {seqs[0]}) whose step fits {args.budget_mb:g} MB "
+                  "per rank:",
                   "", "| mode | longest seq |", "|---|---:|"]
         for mode in MODES:
             lines.append(f"| {mode} | {longest_within(budget, mode, seqs[0], 1 << 22)} |")

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 import shardwise
+from shardwise.comm import COMMS_LOG
 from shardwise.comm.topology import Topology
 from shardwise.sp import (
     UlyssesSPAttentionHF,
@@ -79,8 +80,11 @@ def _forward_shard(model, shard, tiled: bool) -> torch.Tensor:
     return model(**inputs, labels=labels, shift_labels=labels, num_items_in_batch=1).loss
 
 
-def _parity(arch: str, impl: str, heads: int, kv: int, window, pad, packed: bool, tiled: bool) -> None:
+def _parity(arch: str, impl: str, heads: int, kv: int, window, pad, packed: bool, tiled: bool,
+            checkpointing: bool = False) -> None:
     model = _model(arch, impl, heads, kv, window)
+    if checkpointing:  # HF's own activation checkpointing: attention (and its all-to-alls) recomputed in backward
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     rank = dist.get_rank()
     mine_batch, peer_batch = _batch(rank, pad, packed), _batch(1 - rank, pad, packed)
     refs = {r: _reference(model, b) for r, b in ((rank, mine_batch), (1 - rank, peer_batch))}
@@ -96,7 +100,10 @@ def _parity(arch: str, impl: str, heads: int, kv: int, window, pad, packed: bool
             loss_sum = _forward_shard(model, shard, tiled)
             count = (shard["shift_labels"] != -100).sum()
             loss = sequence_parallel_mean(loss_sum, count, mpu.get_sequence_parallel_group())
+            COMMS_LOG.reset()
             grads = torch.autograd.grad(loss, list(model.parameters()))
+            # per layer: 4 all-to-alls backward, and with checkpointing the 4 of the recomputed forward
+            assert COMMS_LOG.totals(op="all_to_all", group="sp").count == (8 if checkpointing else 4) * 2
             ref_loss, ref_grads = refs[source]
             torch.testing.assert_close(loss.item(), ref_loss, **TOL)
             for p_name, g, ref in zip([n for n, _ in model.named_parameters()], grads, ref_grads):
@@ -124,6 +131,10 @@ def test_hf_model_loss_and_gradients_match_single_process(arch, impl, heads, kv,
     run_ranks(_parity, arch, impl, heads, kv, window, pad, packed, tiled)
 
 
+def test_hf_gradient_checkpointing_recomputes_the_all_to_alls():
+    run_ranks(_parity, "llama", "sdpa", 4, 2, None, "left", False, False, kwargs={"checkpointing": True})
+
+
 # -- training through the engine -------------------------------------------------------------------------------------
 # Gradient norms here are ~1.7: clipping at 2.5 is inactive, so a wrong gradient scale changes the SGD update (a clip
 # active on every step would hide it: clipped gradients do not depend on their scale); 1.0 checks the global norm.
@@ -146,8 +157,8 @@ def _reference_training(arch: str, impl: str, clip: float) -> tuple[list[float],
     return losses, {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def _engine_training(arch: str, impl: str, stage: int, tiled: bool,
-                     clip: float) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _engine_training(arch: str, impl: str, stage: int, tiled: bool, clip: float,
+                     via_config: bool = False) -> tuple[list[float], dict[str, torch.Tensor]]:
     """The calls accelerate makes for sp_backend="deepspeed": register -> adapter -> initialize(mpu=...)."""
     model = _model(arch, impl)
     mpu = UlyssesSPAttentionHF.register_with_transformers(
@@ -161,8 +172,11 @@ def _engine_training(arch: str, impl: str, stage: int, tiled: bool,
     config = {"train_micro_batch_size_per_gpu": BATCH, "gradient_accumulation_steps": 1, "gradient_clipping": clip,
               "optimizer": {"type": "SGD", "params": {"lr": LR, "momentum": 0.9}},
               "zero_optimization": {"stage": stage}}
+    if via_config:  # DeepSpeed's top-level key builds the same sp axis without the mpu
+        config["sequence_parallel_size"] = 2
     engine, _, _, _ = shardwise.initialize(model=model, model_parameters=model.parameters(), config_params=config,
-                                           mpu=mpu)
+                                           mpu=None if via_config else mpu)
+    assert engine.topology.size("sp") == 2 and engine.topology.size("dp") == 1
     losses = []
     for _ in range(STEPS):
         shard = next(adapter)
@@ -188,8 +202,16 @@ def _engine_training(arch: str, impl: str, stage: int, tiled: bool,
     pytest.param("llama", "sdpa", 3, False, 2.5, id="llama-sdpa-zero3"),
 ])
 def test_engine_training_matches_single_process(arch, impl, stage, tiled, clip):
+    _check_training(arch, impl, clip, run_ranks(_engine_training, arch, impl, stage, tiled, clip))
+
+
+def test_engine_training_with_sequence_parallel_size_in_the_config():
+    _check_training("llama", "sdpa", 2.5, run_ranks(_engine_training, "llama", "sdpa", 2, False, 2.5, True))
+
+
+def _check_training(arch: str, impl: str, clip: float, results: list) -> None:
     ref_losses, ref_state = _reference_training(arch, impl, clip)
-    for losses, state in run_ranks(_engine_training, arch, impl, stage, tiled, clip):
+    for losses, state in results:
         torch.testing.assert_close(losses, ref_losses, **TOL)
         assert state.keys() == ref_state.keys()
         for name, value in state.items():
