@@ -130,7 +130,8 @@ def main(argv: list[str] | None = None) -> str:
     lines = [f"Peak RSS growth per rank over one training step (forward + backward), HF Llama {MODEL}, fp32, sdpa, "
              f"batch 1, torch {torch.__version__}, one thread per rank; tiled loss in chunks of <= "
              f"{_mb(CHUNK_BYTES)} MB of logits.", "",
-             "| seq | mode | peak MB / rank | full logits MB / rank | step s | loss |", "|---:|---|---:|---:|---:|---:|"]
+             "| seq | mode | peak MB / rank | full logits MB / rank | step s | loss |",
+             "|---:|---|---:|---:|---:|---:|"]
     for seq in seqs:
         for mode, (sp, _) in MODES.items():
             r = measure(seq, mode)
