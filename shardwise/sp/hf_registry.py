@@ -115,7 +115,7 @@ def register_with_transformers(model_name_or_path: Any, core_attn_implementation
     topology = Topology(sp=sequence_parallel_size)
     registry = _registry()
     original = registry["sdpa"] if core_attn_implementation == "sdpa" else None
-    attention = cls(original, micro_batch_size, heads, head_dim, kv_heads, text.num_hidden_layers,
+    attention = cls(original, micro_batch_size, heads, head_dim, kv_heads, getattr(text, "num_hidden_layers", 0),
                     topology.sp_group, seq_length_is_variable=seq_length_is_variable,
                     global_seq_length=None if seq_length_is_variable else seq_length,
                     disable_in_eval=disable_in_eval)
@@ -131,9 +131,9 @@ def register_with_transformers(model_name_or_path: Any, core_attn_implementation
 
     previous = registry.get(core_attn_implementation)
     registry[core_attn_implementation] = ulysses_attention
-    hook = _install_batch_hooks(attention, model) if model is not None else None
+    hooks = _install_batch_hooks(attention, model) if model is not None else []
     mpu = ModelParallelUnit(topology)
-    _ACTIVE = _Registration(core_attn_implementation, previous, ulysses_attention, attention, mpu, hook or [])
+    _ACTIVE = _Registration(core_attn_implementation, previous, ulysses_attention, attention, mpu, hooks)
     return mpu
 
 

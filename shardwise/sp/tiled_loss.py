@@ -50,7 +50,7 @@ class _TiledLoss(torch.autograd.Function):
             outs = torch.stack([fn(module, *c).reshape(()) for c in chunks])
         ctx.n = len(chunks)
         ctx.shards = shards
-        ctx.save_for_backward(x, y, *( (mask,) if mask is not None else ()), *weights)
+        ctx.save_for_backward(x, y, *((mask,) if mask is not None else ()), *weights)
         return outs.sum() if reduction == "sum" else outs.mean()
 
     @staticmethod
