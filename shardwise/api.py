@@ -14,6 +14,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.comm.topology import Topology
 from shardwise.config import add_config_arguments, load_config, read_config_dict, sequence_parallel_size
+from shardwise.config.errors import ConfigError
 from shardwise.monitor.utils import check_backends
 
 __all__ = ["initialize", "add_config_arguments"]
@@ -79,11 +80,16 @@ def _topology(raw: dict[str, Any], model: Any, mpu: Any, mesh_param: Any) -> Top
     """The process grid: a pipeline module's own topology, a Megatron-style mpu's, or data (x sequence) parallel."""
     if _is_pipeline_module(model):
         return model.topology()
+    sp = sequence_parallel_size(raw)
     if mpu is not None:
         from shardwise.tp.mpu import topology_from_mpu
 
-        return topology_from_mpu(mpu)
-    sp = sequence_parallel_size(raw)
+        topology = topology_from_mpu(mpu)
+        if sp > 1 and sp != topology.size("sp"):
+            raise ConfigError(f"sequence_parallel_size = {sp} in the config, but the mpu passed to initialize() has "
+                             f"a sequence-parallel size of {topology.size('sp')}; make them equal or drop the key "
+                             "(the mpu decides)", path="sequence_parallel_size")
+        return topology
     if mesh_param is not None:
         _, sp = mesh_param
     return Topology(sp=sp)

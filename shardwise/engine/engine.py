@@ -147,6 +147,19 @@ class Engine(nn.Module):
         return self.topology.size("tp")
 
     @property
+    def sequence_parallel_grads_averaged(self) -> bool:
+        """Whether gradients are averaged (not summed) over the sequence-parallel ranks: ZeRO-3 with sp > 1.
+
+        [Note: sequence-parallel gradient reduction] Sequence-parallel ranks hold different tokens of the same
+        samples, so the gradient of a batch is the *sum* of theirs; DeepSpeed 0.19 sums over them and averages over
+        data-parallel ranks with ZeRO 0-2 (it divides by the data x sequence group size / sp). Its ZeRO-3 averages
+        over both until 0.20.2 (deepspeedai/DeepSpeed#8854), and Hugging Face Trainer compensates by scaling the
+        loss by sp under ZeRO-3 with DeepSpeed < 0.20.2. shardwise mirrors 0.19 so that Trainer is right under every
+        stage; ``shardwise.sp.sequence_parallel_mean(..., engine)`` reads this flag to give the matching gradient.
+        """
+        return self.zero_optimization_stage() == 3 and self.topology.size("sp") > 1
+
+    @property
     def device(self) -> torch.device:
         """The device this rank computes on."""
         return get_accelerator().device()
@@ -284,7 +297,10 @@ class Engine(nn.Module):
         """Multiplier turning summed, loss-scaled gradients into averaged, unscaled ones."""
         factor = 1.0 / self.scaler.scale
         if getattr(self._config, "gradient_allreduce_op", "mean") != "sum":
-            factor /= self.topology.zero_group.size
+            ranks = self.topology.zero_group.size  # summed over data x sequence ranks
+            if not self.sequence_parallel_grads_averaged:
+                ranks //= self.topology.size("sp")  # [Note: sequence-parallel gradient reduction]
+            factor /= ranks
         return factor
 
     def _global_norm(self) -> float:

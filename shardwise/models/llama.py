@@ -7,7 +7,9 @@ projections, row-parallel outputs, a vocabulary-parallel embedding, LM head and 
 all-reduces forward and two backward per block), optionally with Megatron sequence parallelism
 (``cfg.sequence_parallel``: norms and dropout on sequence shards, all-gather / reduce-scatter instead of
 all-reduce). A sequence-parallel degree > 1 in the topology turns on all-to-all (Ulysses) attention: each rank then
-feeds its own shard of the sequence, ``tokens[:, rank * s : (rank + 1) * s]``.
+feeds its own shard of the sequence, ``tokens[:, rank * s : (rank + 1) * s]``, and the loss is the mean over the
+whole sequence whose gradient on each rank is its own share (right where gradients are summed over the sequence
+ranks: ZeRO 0-2, as DeepSpeed 0.19; under ZeRO-3, which averages them, scale the loss by the sequence degree).
 
 Weights are initialised from the degree-1 model drawn with the same random state and then sliced, so a model of
 any degree starts from exactly the weights of the plain one (and ``load_full_state_dict`` loads a full checkpoint).
@@ -23,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from shardwise.activation_checkpointing import checkpoint
+from shardwise.sp.tiled_loss import sequence_parallel_mean
 from shardwise.sp.ulysses import DistributedAttention
 from shardwise.tp import plans
 from shardwise.tp.cross_entropy import vocab_parallel_cross_entropy
@@ -270,8 +273,18 @@ class Llama(nn.Module):
         if targets is None:
             return logits
         if isinstance(self.output, ColumnParallelLinear) and self.output.tp_world > 1:
-            return vocab_parallel_cross_entropy(logits, targets, self.output.group, split=self.output.split).mean()
-        return F.cross_entropy(_upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            losses = vocab_parallel_cross_entropy(logits, targets, self.output.group, split=self.output.split)
+            loss_sum = losses.sum() if self.sp_group.size > 1 else None
+            if loss_sum is None:
+                return losses.mean()
+        elif self.sp_group.size > 1:
+            loss_sum = F.cross_entropy(_upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1),
+                                       reduction="sum")
+        else:
+            return F.cross_entropy(_upcast(logits).reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        # Ulysses: the mean over the whole sequence, each rank's gradient its own share (summed over the sequence
+        # ranks by ZeRO 0-2; [Note: sequence-parallel gradient reduction] in engine/engine.py)
+        return sequence_parallel_mean(loss_sum, targets.numel(), self.sp_group)
 
     def load_full_state_dict(self, state_dict: dict[str, torch.Tensor], strict: bool = True) -> Any:
         """Load the plain (degree-1) model's state dict, slicing split weights for this rank."""

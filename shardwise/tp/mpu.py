@@ -208,8 +208,15 @@ def _read_sizes(mpu: Any) -> dict[str, int]:
         _, value = _first(mpu, names)
         sizes[axis] = int(value) if value is not None else (None if axis == "dp" else 1)
     if sizes["dp"] is None:
-        raise MpuLayoutError(f"the mpu {type(mpu).__name__} has no get_data_parallel_world_size(); shardwise needs it "
-                             "(together with get_tensor_model_parallel_world_size) to build the process grid")
+        if _first(mpu, _SIZE_NAMES["sp"])[0] is not None:
+            # DeepSpeed's Ulysses mpu (runtime.sequence_parallel.parallel_state_sp) knows only the sequence groups:
+            # every other rank of the job is data parallel
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            sizes["dp"] = max(1, world // (sizes["pp"] * sizes["sp"] * sizes["tp"]))
+            return sizes
+        raise MpuLayoutError(f"the mpu {getattr(mpu, '__name__', type(mpu).__name__)} has no "
+                             "get_data_parallel_world_size(); shardwise needs it (together with "
+                             "get_tensor_model_parallel_world_size) to build the process grid")
     return sizes
 
 

@@ -11,7 +11,7 @@ PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "shardwise"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 #: modules that must stay free of torch.distributed (pure math and planning)
 PURE = ["comm/grid.py", "comm/env.py", "zero/layout.py", "pipe/schedule.py", "pipe/partition.py",
-        "launcher/hostfile.py", "tp/partition.py"]
+        "launcher/hostfile.py", "tp/partition.py", "sp/hf_masks.py"]
 
 
 def _rel(path: pathlib.Path) -> str:
