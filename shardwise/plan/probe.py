@@ -1,0 +1,186 @@
+"""Probe one rank: build its engine with the engine's own build path inside a fake world, run one step, measure.
+
+``probe_rank`` is "rank r of N" for the length of one call: the ``Topology`` of the whole grid (every group of
+every family is created, as on a real job), this rank's part of the model on the meta device, ``build_engine`` /
+``build_pipeline_engine`` exactly as ``shardwise.initialize`` calls them, one recorded training step
+(``drive.py``), then ``engine.memory_breakdown()`` (after the step, so optimizer state exists) and the comms log
+sorted by phase and group. Nothing is allocated: a 405B-parameter rank costs a few hundred MB of Python objects.
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+from shardwise.plan.drive import PlanP2P, drive_engine, drive_pipeline
+from shardwise.plan.fake_world import fake_world
+from shardwise.plan.models import ModelSource
+
+
+@dataclass(frozen=True)
+class ProbeSetup:
+    """Everything a probe needs besides the rank (one per plan, shared by the sampled ranks)."""
+
+    source: ModelSource
+    world_size: int
+    gpus_per_node: int
+    ds_config: dict[str, Any]
+    tp: int = 1
+    pp: int = 1
+    sp: int = 1
+    virtual_stages: int = 1
+    sequence_parallel: bool = False
+    seq_len: int = 4096
+    checkpointing: bool = False
+
+
+@dataclass
+class TrafficRow:
+    """Bytes of one (phase, op, group) in one training step, from the comms log (or the pipeline's sends)."""
+
+    phase: str  # forward / backward / step (plain engine); pipeline / reduce / step (pipeline engine)
+    op: str
+    group: str
+    group_size: int
+    nodes: int  # nodes the group's members sit on
+    link: str  # "intra" (one node) or "inter"
+    count: float
+    msg_bytes: float
+    wire_bytes: float
+
+
+@dataclass
+class RankProbe:
+    """What one sampled rank holds and sends."""
+
+    rank: int
+    coords: dict[str, int]
+    node: int
+    memory: dict[str, int]  # engine.memory_breakdown() after one step
+    local_params: int  # parameter elements of this rank's model part (before ZeRO partitions them)
+    n_layers: int  # decoder blocks on this rank
+    has_head: bool
+    receives_boundary: bool
+    strategy: str
+    param_bytes: int  # bytes per element of the model dtype
+    grad_bytes: int  # bytes per element of gradient accumulation
+    largest_unit: int = 0  # ZeRO-3: elements of the largest gathered unit
+    bucket_numel: int = 0  # stages 0-2: reduction bucket size
+    max_inflight: int = 0  # reductions (buckets or ZeRO-3 units) in flight at once
+    stage: int = 0  # ZeRO stage
+    micro_batch: int = 1
+    gas: int = 1
+    traffic: list[TrafficRow] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready."""
+        return asdict(self)
+
+
+def _config(setup: ProbeSetup, dp: int) -> Any:
+    from shardwise.config import load_config
+
+    raw = dict(setup.ds_config)
+    if not any(k in raw for k in ("train_batch_size", "train_micro_batch_size_per_gpu")):
+        raw["train_micro_batch_size_per_gpu"] = 1
+    return load_config(raw, dp_world_size=dp, log=False)
+
+
+def _layers_on_rank(model: Any, setup: ProbeSetup) -> tuple[int, bool, bool]:
+    """(decoder blocks, holds the LM head, receives a pipeline activation) for this rank's model part."""
+    if setup.pp == 1:
+        n = setup.source.llama.n_layers if setup.source.llama is not None else 0
+        return n, True, False
+    names = [type(m).__name__ for m in model.modules()]
+    return names.count("BlockPipe"), "NormHeadPipe" in names, model.stage_id > 0
+
+
+def _group_span(topology: Any, name: str) -> tuple[int, int]:
+    try:
+        ranks = topology.group(name).ranks
+    except KeyError:
+        ranks = tuple(range(topology.world_size))
+    return len(ranks), len({topology.node_of(r) for r in ranks})
+
+
+def _rows(rec: Any, topology: Any, p2p: PlanP2P | None) -> list[TrafficRow]:
+    rows = []
+    for (phase, op, group), t in sorted(rec.records.items()):
+        if not t.count or (op in ("send", "recv") and p2p is not None):
+            continue  # split by link below
+        size, nodes = _group_span(topology, group)
+        rows.append(TrafficRow(phase, op, group, size, nodes, "intra" if nodes == 1 else "inter", t.count,
+                               t.msg_bytes, t.wire_bytes))
+    if p2p is not None:
+        size, nodes = _group_span(topology, "pp")
+        for link, (count, nbytes) in p2p.sent.items():
+            if count:
+                rows.append(TrafficRow("pipeline", "send", "pp", size, nodes, link, count, nbytes, nbytes))
+    return rows
+
+
+def _boundary(setup: ProbeSetup, config: Any, dtype: torch.dtype) -> tuple[Any, bool]:
+    from shardwise.pipe.p2p import TensorMeta
+
+    seq = setup.seq_len // (setup.tp if setup.sequence_parallel else 1)
+    shape = (config.train_micro_batch_size_per_gpu, seq, setup.source.llama.dim)
+    return TensorMeta(dtype, shape, True, False), not setup.sequence_parallel
+
+
+def _run(setup: ProbeSetup, rank: int) -> RankProbe:
+    from shardwise.comm.topology import Topology
+    from shardwise.engine.build import build_engine
+    from shardwise.engine.precision import model_dtype
+
+    topo = Topology(pp=setup.pp, tp=setup.tp, sp=setup.sp, world_size=setup.world_size, rank=rank,
+                    local_world_size=setup.gpus_per_node)
+    config = _config(setup, topo.size("dp"))
+    model = setup.source.build(topo, seq_len=setup.seq_len, checkpointing=setup.checkpointing,
+                               sequence_parallel=setup.sequence_parallel, virtual_stages=setup.virtual_stages)
+    local_params = sum(p.numel() for p in model.parameters())
+    n_layers, has_head, receives = _layers_on_rank(model, setup)
+    mb, gas = config.train_micro_batch_size_per_gpu, config.gradient_accumulation_steps
+    tokens = torch.zeros(mb, setup.seq_len // setup.sp, dtype=torch.long, device="meta")
+    p2p = None
+    if setup.pp > 1:
+        from shardwise.pipe.engine import build_pipeline_engine
+
+        engine = build_pipeline_engine(module=model, config=config, topology=topo)
+        boundary, replicated = _boundary(setup, config, model_dtype(config))
+        pc = config.pipeline
+        p2p = PlanP2P(topo, pipe_partitioned=pc.pipe_partitioned, grad_partitioned=pc.grad_partitioned,
+                      boundary=boundary, replicated=replicated)
+        rec = drive_pipeline(engine, (tokens, tokens), p2p)
+    else:
+        engine = build_engine(module=model, config=config, topology=topo)
+        rec = drive_engine(engine, (tokens, tokens), gas, warm_up=config.zero_optimization.stage == 3)
+    strategy = engine.strategy
+    policy = strategy.policy
+    probe = RankProbe(
+        rank=rank, coords=dict(topo.coords), node=topo.node_of(rank), memory=dict(engine.memory_breakdown()),
+        local_params=local_params, n_layers=n_layers, has_head=has_head, receives_boundary=receives,
+        strategy=strategy.describe(), param_bytes=model_dtype(config).itemsize,
+        grad_bytes=policy.grad_dtype.itemsize, max_inflight=policy.max_inflight, stage=policy.stage,
+        micro_batch=mb, gas=gas, traffic=_rows(rec, topo, p2p))
+    if hasattr(strategy, "units"):
+        probe.largest_unit = max((u.numel for u in strategy.units), default=0)
+    else:
+        probe.bucket_numel = policy.bucket_numel
+    if hasattr(strategy, "remove_hooks"):
+        strategy.remove_hooks()
+    return probe
+
+
+def probe_rank(setup: ProbeSetup, rank: int) -> RankProbe:
+    """Build and step global rank ``rank`` of the planned job on the fake backend; see the module docstring."""
+    start = time.perf_counter()
+    with fake_world(rank, setup.world_size):
+        probe = _run(setup, rank)
+    gc.collect()
+    probe.seconds = time.perf_counter() - start
+    return probe
