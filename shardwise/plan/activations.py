@@ -1,4 +1,4 @@
-"""Activation bytes per micro-batch of the LLaMA reference model, counted tensor by tensor (analytic, no torch).
+"""Activation bytes per micro-batch of the LLaMA reference model, counted tensor by tensor (analytic).
 
 What autograd keeps between a block's forward and its backward, per token of the micro-batch (``e``: bytes of
 the model dtype; ``h`` hidden, ``g`` key/value width = kv_heads x head_dim, ``a`` heads, ``f`` SwiGLU hidden,
@@ -19,13 +19,14 @@ attention                Q|K|V projection input, rotated q,          e h + e h /
                          output projection input
 SwiGLU                   gate|up projection input, its output,       e h + e (2f + f + f) / t
                          silu(gate), the down projection's input
-rotary tables (16-bit)   cos and sin cast to the model dtype, twice  4 x head_dim x e per *sequence position*
-LM head                  final norm, head input, fp32 softmax        (4h + e h + 4) + e h + 4 V / t + 8
+LM head                  final norm, head input, fp32 softmax,       (4h + e h + 4) + e h + 4 V / t + 8
+                         targets (+ the loss's 4-byte total weight)
 =======================  ==========================================  ========================================
 
-Megatron sequence parallelism (``sequence_parallel`` with t > 1) keeps the norms on 1/t of the sequence (the
-column-parallel projections still save their gathered, full-sequence input). Ulysses sequence parallelism
-(``ulysses`` = sp) gives each rank 1/sp of the tokens; the all-to-all leaves per-token sizes unchanged.
+The rotary tables are model buffers, cast with the model (no per-layer copies). Megatron sequence parallelism
+(``sequence_parallel`` with t > 1) keeps the norms on 1/t of the sequence (the column-parallel projections still
+save their gathered, full-sequence input). Ulysses sequence parallelism (``ulysses`` = sp) gives each rank 1/sp
+of the tokens; the all-to-all leaves per-token sizes unchanged.
 
 Activation checkpointing (every block wrapped): a block keeps only its input, ``e h`` per token; with
 ``partition_activations`` 1/t of it, with ``cpu_checkpointing`` none on the device. Backward then recomputes one
@@ -45,7 +46,7 @@ class ActivationSetup:
 
     dtype_bytes: int = 2
     tp: int = 1
-    sequence_parallel: bool = False  # Megatron sequence parallelism (needs tp > 1)
+    sequence_parallel: bool = False  # The rotary tables are model buffers, cast with the model (no per-layer copies). Megatron sequence parallelism (needs tp > 1)
     ulysses: int = 1  # all-to-all sequence-parallel degree
     checkpointing: bool = False  # every block wrapped in activation checkpointing
     partition_activations: bool = False  # checkpointed inputs split over the tensor-parallel ranks
@@ -86,10 +87,6 @@ def _per_token_layer(cfg: LlamaConfig, s: ActivationSetup) -> float:
     return norms + attention + ffn
 
 
-def _rope_bytes(cfg: LlamaConfig, s: ActivationSetup, seq_local: int) -> float:
-    return 4 * cfg.head_dim * s.dtype_bytes * seq_local if s.dtype_bytes < 4 else 0.0
-
-
 def micro_batch_activations(cfg: LlamaConfig, setup: ActivationSetup, micro_batch: int, seq_len: int,
                             n_layers: int, has_head: bool, receives_boundary: bool) -> MicroBatchActivations:
     """Bytes one micro-batch of ``micro_batch`` x ``seq_len`` tokens keeps on one rank holding ``n_layers`` blocks
@@ -99,7 +96,7 @@ def micro_batch_activations(cfg: LlamaConfig, setup: ActivationSetup, micro_batc
     seq_local = seq_len // setup.ulysses
     tokens = micro_batch * seq_local
     e, h, t = setup.dtype_bytes, cfg.dim, setup.tp
-    full_layer = int(tokens * _per_token_layer(cfg, setup) + _rope_bytes(cfg, setup, seq_local))
+    full_layer = int(tokens * _per_token_layer(cfg, setup))
     seq_share = 1 / t if (setup.sequence_parallel and t > 1) else 1.0
     if setup.checkpointing:
         split = t if setup.partition_activations else 1
@@ -109,6 +106,6 @@ def micro_batch_activations(cfg: LlamaConfig, setup: ActivationSetup, micro_batc
         layers, recompute = full_layer * n_layers, 0
     head = 0
     if has_head:
-        head = int(tokens * ((4 * h + e * h + 4) * seq_share + e * h + 4 * cfg.vocab_size / t + 8))
+        head = int(tokens * ((4 * h + e * h + 4) * seq_share + e * h + 4 * cfg.vocab_size / t + 8)) + 4
     boundary = int(tokens * e * h * seq_share) if receives_boundary else 0
     return MicroBatchActivations(full_layer, layers, head, boundary, recompute)

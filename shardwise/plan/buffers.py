@@ -23,6 +23,8 @@ def transient_buffers(probe: Any, source: Any, setup: Any) -> dict[str, int]:
     if probe.stage == 3:
         out["zero3_gathered"] = 2 * probe.largest_unit * probe.param_bytes
         out["zero3_grad_buffers"] = (probe.max_inflight + 1) * probe.largest_unit * probe.grad_bytes
+        if probe.hpz_secondary:
+            out["hpz_secondary"] = probe.hpz_secondary
     elif probe.stage == 2:
         out["reduce_buckets"] = (probe.max_inflight + 1) * probe.bucket_numel * probe.grad_bytes
     else:

@@ -12,8 +12,9 @@ its true size and group. Three stand-ins, each because a meta tensor has no valu
 * pipeline transfers (``PlanP2P``): the handshake header cannot be decoded, so the receiver is told the boundary
   tensor's shape (the hidden state); sends and receives still go through the comms log.
 
-A window of ``gas`` micro-steps is replayed as at most three (the first, one middle one weighted ``gas - 2``, the
-last, which reduces and steps); a pipeline batch runs all its micro-batches through the real schedule.
+Every micro-batch of a window sends the same, so a window of ``gas`` micro-steps is replayed as two or three
+(``run_window``) and a pipeline batch as two micro-batches through the real schedule and executor (``p`` with
+interleaving), their traffic scaled to the full count; the bubble comes from the full schedule (``pipeline.py``).
 """
 
 from __future__ import annotations
@@ -113,22 +114,29 @@ def _micro_step(engine: Any, batch: tuple, boundary: bool, rec: Recorder, weight
         s.end_backward()
 
 
-def run_window(engine: Any, batch: tuple, gas: int, rec: Recorder) -> None:
-    """One optimizer step of ``gas`` micro-batches (at most three replayed, weighted)."""
-    pattern = [(0, 1.0)] if gas == 1 else [(0, 1.0), (gas - 1, 1.0)] if gas == 2 else \
-        [(0, 1.0), (1, float(gas - 2)), (gas - 1, 1.0)]
-    for index, weight in pattern:
-        _micro_step(engine, batch, index == gas - 1, rec, weight)
+def run_window(engine: Any, batch: tuple, gas: int, rec: Recorder, distinct_middle: bool = False) -> None:
+    """One optimizer step of ``gas`` micro-batches, replayed as: the first micro-step (weighted ``gas - 1`` when the
+    middle ones send the same), a middle one (weighted ``gas - 2``) when ``distinct_middle`` (hpZ: only the first
+    forward after a step crosses nodes), and the last, which reduces; then the optimizer step."""
+    if gas == 1:
+        pattern = [(True, 1.0)]
+    elif distinct_middle and gas > 2:
+        pattern = [(False, 1.0), (False, float(gas - 2)), (True, 1.0)]
+    else:
+        pattern = [(False, float(gas - 1)), (True, 1.0)]
+    for boundary, weight in pattern:
+        _micro_step(engine, batch, boundary, rec, weight)
     with rec.phase("step"):
         _meta_step(engine)
 
 
-def drive_engine(engine: Any, batch: tuple, gas: int, warm_up: bool) -> Recorder:
-    """A warm-up step (ZeRO-3 learns its prefetch order in it) and a recorded one."""
-    if warm_up:
-        run_window(engine, batch, gas, _Discard())
+def drive_engine(engine: Any, batch: tuple, gas: int, zero3: bool, hpz: bool) -> Recorder:
+    """ZeRO-3: a one-micro-batch warm-up step first (it learns its prefetch order, which decides which gathers
+    backward can skip); then the recorded step."""
+    if zero3:
+        run_window(engine, batch, 1, _Discard())
     rec = Recorder()
-    run_window(engine, batch, gas, rec)
+    run_window(engine, batch, gas, rec, distinct_middle=hpz)
     return rec
 
 
@@ -142,8 +150,9 @@ class PlanP2P(P2P):
         self.boundary = boundary
         self.replicated = replicated
         self.topology = topology
-        #: bytes and messages this rank sends, by link: "intra" (same node) or "inter"
+        #: messages and bytes this rank sends, by link: "intra" (same node) or "inter"; handshake headers apart
         self.sent: dict[str, list[float]] = {"intra": [0, 0], "inter": [0, 0]}
+        self.headers: dict[str, list[float]] = {"intra": [0, 0], "inter": [0, 0]}
 
     def _replicated(self, tensors: tuple[torch.Tensor, ...]) -> list[bool]:
         return [self.replicated] * len(tensors)
@@ -159,16 +168,27 @@ class PlanP2P(P2P):
 
     def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
         same = self.topology.node_of(dst) == self.topology.node_of(self.topology.rank)
-        entry = self.sent["intra" if same else "inter"]
+        header = t.dtype == torch.int64 and t.numel() == META_SLOTS
+        entry = (self.headers if header else self.sent)["intra" if same else "inter"]
         entry[0] += 1
         entry[1] += t.numel() * t.element_size()
         super()._isend(t, dst, tag)
 
 
-def drive_pipeline(engine: Any, batch: tuple, p2p: PlanP2P) -> Recorder:
-    """One ``train_batch`` through the real schedule and executor, phases: pipeline, reduce, step."""
+def replayed_micro_batches(micro_batches: int, stages: int, chunks: int) -> int:
+    """How many micro-batches a pipeline probe runs: every micro-batch sends the same, so two (a multiple of the
+    stages with interleaving, which needs it) stand for all of them."""
+    return min(micro_batches, stages if chunks > 1 else 2)
+
+
+def drive_pipeline(engine: Any, batch: tuple, p2p: PlanP2P) -> tuple[Recorder, float]:
+    """One ``train_batch`` through the real schedule and executor, phases: pipeline, reduce, step. Returns the
+    recorder and the factor the replayed micro-batches' traffic was scaled by (already applied in the recorder)."""
     rec = Recorder()
     engine.p2p = engine.executor.p2p = p2p
+    m = engine.micro_batches
+    engine.micro_batches = replayed = replayed_micro_batches(m, engine.num_stages, engine.module.virtual_stages)
+    scale = m / replayed
     reduce_tied, reduce_grads = engine._reduce_tied_grads, engine._reduce_grads
 
     def in_phase(fn: Any, name: str) -> Any:
@@ -177,7 +197,7 @@ def drive_pipeline(engine: Any, batch: tuple, p2p: PlanP2P) -> Recorder:
             try:
                 return fn(*args)
             finally:
-                rec.switch("pipeline")
+                rec.switch("pipeline", scale)
         return run
 
     def optimizer_step(result: Any) -> None:
@@ -187,7 +207,10 @@ def drive_pipeline(engine: Any, batch: tuple, p2p: PlanP2P) -> Recorder:
     engine._reduce_tied_grads = in_phase(reduce_tied, "reduce")
     engine._reduce_grads = in_phase(reduce_grads, "reduce")
     engine._optimizer_step = in_phase(optimizer_step, "step")
-    rec.switch("pipeline")
-    engine.train_batch(iter([batch] * engine.micro_batches))
+    rec.switch("pipeline", scale)
+    try:
+        engine.train_batch(iter([batch] * replayed))
+    finally:
+        engine.micro_batches = m
     rec.switch(None)
-    return rec
+    return rec, scale

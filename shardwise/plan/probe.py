@@ -72,6 +72,7 @@ class RankProbe:
     bucket_numel: int = 0  # stages 0-2: reduction bucket size
     max_inflight: int = 0  # reductions (buckets or ZeRO-3 units) in flight at once
     stage: int = 0  # ZeRO stage
+    hpz_secondary: int = 0  # ZeRO++ hpZ: bytes of the node-local secondary partitions every unit keeps cached
     micro_batch: int = 1
     gas: int = 1
     traffic: list[TrafficRow] = field(default_factory=list)
@@ -108,7 +109,7 @@ def _group_span(topology: Any, name: str) -> tuple[int, int]:
     return len(ranks), len({topology.node_of(r) for r in ranks})
 
 
-def _rows(rec: Any, topology: Any, p2p: PlanP2P | None) -> list[TrafficRow]:
+def _rows(rec: Any, topology: Any, p2p: PlanP2P | None, scale: float) -> list[TrafficRow]:
     rows = []
     for (phase, op, group), t in sorted(rec.records.items()):
         if not t.count or (op in ("send", "recv") and p2p is not None):
@@ -118,7 +119,8 @@ def _rows(rec: Any, topology: Any, p2p: PlanP2P | None) -> list[TrafficRow]:
                                t.msg_bytes, t.wire_bytes))
     if p2p is not None:
         size, nodes = _group_span(topology, "pp")
-        for link, (count, nbytes) in p2p.sent.items():
+        for link, (count, nbytes) in p2p.sent.items():  # steady state: the one-off shape handshake is left out
+            count, nbytes = count * scale, nbytes * scale
             if count:
                 rows.append(TrafficRow("pipeline", "send", "pp", size, nodes, link, count, nbytes, nbytes))
     return rows
@@ -155,10 +157,12 @@ def _run(setup: ProbeSetup, rank: int) -> RankProbe:
         pc = config.pipeline
         p2p = PlanP2P(topo, pipe_partitioned=pc.pipe_partitioned, grad_partitioned=pc.grad_partitioned,
                       boundary=boundary, replicated=replicated)
-        rec = drive_pipeline(engine, (tokens, tokens), p2p)
+        rec, scale = drive_pipeline(engine, (tokens, tokens), p2p)
     else:
         engine = build_engine(module=model, config=config, topology=topo)
-        rec = drive_engine(engine, (tokens, tokens), gas, warm_up=config.zero_optimization.stage == 3)
+        zc = config.zero_optimization
+        hpz = 1 < int(zc.zero_hpz_partition_size or 1) < topo.zero_group.size
+        rec, scale = drive_engine(engine, (tokens, tokens), gas, zc.stage == 3, hpz and zc.stage == 3), 1.0
     strategy = engine.strategy
     policy = strategy.policy
     probe = RankProbe(
@@ -166,9 +170,12 @@ def _run(setup: ProbeSetup, rank: int) -> RankProbe:
         local_params=local_params, n_layers=n_layers, has_head=has_head, receives_boundary=receives,
         strategy=strategy.describe(), param_bytes=model_dtype(config).itemsize,
         grad_bytes=policy.grad_dtype.itemsize, max_inflight=policy.max_inflight, stage=policy.stage,
-        micro_batch=mb, gas=gas, traffic=_rows(rec, topo, p2p))
+        micro_batch=mb, gas=gas, traffic=_rows(rec, topo, p2p, scale))
     if hasattr(strategy, "units"):
         probe.largest_unit = max((u.numel for u in strategy.units), default=0)
+        intra = getattr(strategy.shard_comm, "intra", None)
+        if intra is not None:  # each unit caches 1/intra of itself after its first gather, until the next step
+            probe.hpz_secondary = sum(u.layout.total // intra.size * u.dtype.itemsize for u in strategy.units)
     else:
         probe.bucket_numel = policy.bucket_numel
     if hasattr(strategy, "remove_hooks"):
