@@ -20,7 +20,9 @@ attention                Q|K|V projection input, rotated q,          e h + e h /
 SwiGLU                   gate|up projection input, its output,       e h + e (2f + f + f) / t
                          silu(gate), the down projection's input
 LM head                  final norm, head input, fp32 softmax,       (4h + e h + 4) + e h + 4 V / t + 8
-                         targets (+ the loss's 4-byte total weight)
+                         targets (+ the loss's 4-byte total weight;  (t > 1: + 2, no total weight)
+                         t > 1: local targets and two masks)
+embedding                token ids (t > 1: masked ids and a mask)    8 (t > 1: 9)
 =======================  ==========================================  ========================================
 
 The rotary tables are model buffers, cast with the model (no per-layer copies). Megatron sequence parallelism
@@ -60,13 +62,14 @@ class MicroBatchActivations:
     per_layer: int  # one block, not checkpointed
     layers: int  # every block of this rank's model part (checkpointed or not, as configured)
     head: int  # final norm + LM head + loss (0 where this rank holds no head)
+    embedding: int  # what the embedding lookup keeps (0 where this rank holds no embedding)
     boundary: int  # a received pipeline activation (stages after the first)
     recompute: int  # checkpointing: one block's activations, recomputed during backward (transient)
 
     @property
     def resident(self) -> int:
         """Bytes kept per in-flight micro-batch (what multiplies with the pipeline's in-flight count)."""
-        return self.layers + self.head + self.boundary
+        return self.layers + self.head + self.embedding + self.boundary
 
     def as_dict(self) -> dict[str, int]:
         """JSON-ready fields plus ``resident``."""
@@ -88,9 +91,10 @@ def _per_token_layer(cfg: LlamaConfig, s: ActivationSetup) -> float:
 
 
 def micro_batch_activations(cfg: LlamaConfig, setup: ActivationSetup, micro_batch: int, seq_len: int,
-                            n_layers: int, has_head: bool, receives_boundary: bool) -> MicroBatchActivations:
+                            n_layers: int, *, has_embedding: bool, has_head: bool,
+                            receives_boundary: bool) -> MicroBatchActivations:
     """Bytes one micro-batch of ``micro_batch`` x ``seq_len`` tokens keeps on one rank holding ``n_layers`` blocks
-    (and the LM head if ``has_head``; a received pipeline activation if ``receives_boundary``)."""
+    (the embedding, the LM head, a received pipeline activation where the flags say so)."""
     if seq_len % setup.ulysses:
         raise ValueError(f"sequence length {seq_len} does not divide by the sequence-parallel degree {setup.ulysses}")
     seq_local = seq_len // setup.ulysses
@@ -106,6 +110,8 @@ def micro_batch_activations(cfg: LlamaConfig, setup: ActivationSetup, micro_batc
         layers, recompute = full_layer * n_layers, 0
     head = 0
     if has_head:
-        head = int(tokens * ((4 * h + e * h + 4) * seq_share + e * h + 4 * cfg.vocab_size / t + 8)) + 4
+        loss = tokens * 10 if t > 1 else tokens * 8 + 4
+        head = int(tokens * ((4 * h + e * h + 4) * seq_share + e * h + 4 * cfg.vocab_size / t)) + loss
+    embedding = tokens * (9 if t > 1 else 8) if has_embedding else 0
     boundary = int(tokens * e * h * seq_share) if receives_boundary else 0
-    return MicroBatchActivations(full_layer, layers, head, boundary, recompute)
+    return MicroBatchActivations(full_layer, layers, head, embedding, boundary, recompute)

@@ -139,7 +139,8 @@ def _activations(source: ModelSource, probe: RankProbe, setup: ProbeSetup, dtype
     def at(**kw: Any) -> MicroBatchActivations:
         s = ActivationSetup(**{**base.__dict__, **kw})
         return micro_batch_activations(source.llama, s, probe.micro_batch, setup.seq_len, probe.n_layers,
-                                       probe.has_head, probe.receives_boundary)
+                                       has_embedding=probe.coords["pp"] == 0, has_head=probe.has_head,
+                                       receives_boundary=probe.receives_boundary)
 
     out = {"none": at(), "checkpointed": at(checkpointing=True)}
     if setup.tp > 1:

@@ -156,3 +156,70 @@ def test_hpz_keeps_backward_gathers_inside_the_node() -> None:
     assert inter(flat, "backward") > 0 and inter(hpz, "backward") == 0
     assert 0 < inter(hpz, "forward") < inter(flat, "forward")
     assert hpz.ranks[0].buffers["hpz_secondary"] > 0
+
+
+def _saved_bytes_tp(sequence_parallel: bool, checkpointing: bool, partition: bool) -> tuple[int, int]:
+    """(bytes autograd and checkpoints keep on this rank for one forward, the tokens this rank fed)."""
+    from shardwise import checkpointing as ckpt
+    from shardwise.activation_checkpointing import memory_stats
+
+    topo = Topology(tp=2)
+    if checkpointing:
+        ckpt.configure(topo, partition_activations=partition)
+    cfg = replace(CFG, max_seq_len=SEQ, sequence_parallel=sequence_parallel, checkpoint_activations=checkpointing)
+    torch.manual_seed(0)
+    model = Llama(cfg, topo).to(torch.bfloat16)
+    static = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    seen: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in static:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    tokens = torch.randint(0, CFG.vocab_size, (2, SEQ + 1), generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(tokens[:, :-1].clone(), tokens[:, 1:].clone())
+        stashed = memory_stats().get("cpu", 0)
+    loss.backward()
+    return sum(seen.values()) + stashed
+
+
+CASES = [(False, False, False), (True, False, False), (False, True, False), (False, True, True)]
+
+
+@pytest.mark.parametrize("sequence_parallel,checkpointing,partition", CASES,
+                         ids=["tp", "tp+sp", "tp+ckpt", "tp+ckpt+partitioned"])
+def test_tensor_parallel_activation_formula_equals_autograd(sequence_parallel: bool, checkpointing: bool,
+                                                            partition: bool) -> None:
+    from shardwise.plan.activations import ActivationSetup, micro_batch_activations
+
+    measured = run_ranks(_saved_bytes_tp, sequence_parallel, checkpointing, partition)
+    setup = ActivationSetup(2, tp=2, sequence_parallel=sequence_parallel, checkpointing=checkpointing,
+                            partition_activations=partition)
+    est = micro_batch_activations(CFG, setup, 2, SEQ, CFG.n_layers, has_embedding=True, has_head=True,
+                                  receives_boundary=False)
+    assert measured == [est.resident, est.resident], f"formula {est.as_dict()} vs autograd {measured}"
+
+
+def test_3d_plan_at_1024_ranks_places_each_group_where_it_belongs() -> None:
+    """pp 4 x dp 32 x tp 8 on 128 nodes of 8: tensor groups stay in a node, data-parallel groups and pipeline sends
+    cross nodes, and every sampled rank holds the BF16 optimizer's states for its stage (2 + 4 + (4 + 4 + 8) / dp
+    bytes per local parameter); with tp 16 the tensor group spans two nodes and the plan says so."""
+    cfg = LlamaConfig(vocab_size=1024, dim=256, n_layers=8, n_heads=16, ffn_hidden=640)
+    plan = plan_layout(ModelSource("3d", llama=cfg), 1024, ds_config=_ds(1, gas=8), gpus_per_node=8, tp=8, pp=4,
+                       seq_len=32)
+    assert [r.probe.rank for r in plan.ranks] == [0, 7, 768, 775]
+    for rp in plan.ranks:
+        links = {(t.group, t.link) for t in rp.probe.traffic}
+        assert ("tp", "intra") in links and ("dp+sp", "inter") in links and ("pp", "inter") in links
+        assert ("tp", "inter") not in links
+        n, mem = rp.probe.local_params, rp.probe.memory
+        expect = {"parameters": 2 * n, "gradients": 4 * n + 4 * n / 32, "master_weights": 4 * n / 32,
+                  "optimizer_states": 8 * n / 32}
+        for kind, value in expect.items():
+            assert mem[kind] == pytest.approx(value, rel=0.01), (rp.probe.rank, kind)
+    assert plan.pipeline.in_flight == [4, 3, 2, 1] and not plan.notes
+    wide = plan_layout(ModelSource("3d", llama=cfg), 1024, ds_config=_ds(1, gas=8), gpus_per_node=8, tp=16,
+                       pp=4, seq_len=32, ranks=[0])
+    assert any("tp group (16 ranks) spans 2 nodes" in note for note in wide.notes)

@@ -34,10 +34,11 @@ def _saved_bytes(model: Llama, dtype: torch.dtype) -> int:
         return t
 
     g = torch.Generator().manual_seed(0)
-    tokens = torch.randint(0, CFG.vocab_size, (BATCH, SEQ), generator=g)
+    tokens = torch.randint(0, CFG.vocab_size, (BATCH, SEQ + 1), generator=g)
+    inputs, targets = tokens[:, :-1].clone(), tokens[:, 1:].clone()
     model.train()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss = model(tokens, tokens)
+        loss = model(inputs, targets)
         stashed = memory_stats().get("cpu", 0)
     total = sum(seen.values()) + stashed
     loss.backward()  # the graph is complete and usable
@@ -53,26 +54,29 @@ def test_formula_equals_the_tensors_autograd_saves(dtype: torch.dtype, kv_heads:
     model = Llama(cfg).to(dtype)
     measured = _saved_bytes(model, dtype)
     setup = ActivationSetup(dtype_bytes=torch.empty((), dtype=dtype).element_size(), checkpointing=checkpointing)
-    est = micro_batch_activations(cfg, setup, BATCH, SEQ, cfg.n_layers, has_head=True, receives_boundary=False)
+    est = micro_batch_activations(cfg, setup, BATCH, SEQ, cfg.n_layers, has_embedding=True, has_head=True,
+                                  receives_boundary=False)
     assert est.resident == measured, f"formula {est.resident} B vs autograd {measured} B ({est.as_dict()})"
 
 
 def test_checkpointing_keeps_only_block_inputs_and_recomputes_one_block() -> None:
     setup = ActivationSetup(dtype_bytes=2)
-    plain = micro_batch_activations(CFG, setup, BATCH, SEQ, 4, has_head=False, receives_boundary=False)
-    ckpt = micro_batch_activations(CFG, replace(setup, checkpointing=True), BATCH, SEQ, 4, False, False)
+    kw = {"has_embedding": False, "has_head": False, "receives_boundary": False}
+    plain = micro_batch_activations(CFG, setup, BATCH, SEQ, 4, **kw)
+    ckpt = micro_batch_activations(CFG, replace(setup, checkpointing=True), BATCH, SEQ, 4, **kw)
     assert ckpt.layers == 4 * BATCH * SEQ * CFG.dim * 2  # one bf16 hidden state per block
     assert ckpt.recompute == plain.per_layer and plain.recompute == 0
     offloaded = micro_batch_activations(CFG, replace(setup, checkpointing=True, cpu_checkpointing=True), BATCH, SEQ,
-                                        4, False, False)
+                                        4, **kw)
     assert offloaded.layers == 0
 
 
 def test_tensor_and_sequence_parallel_divide_what_they_split() -> None:
-    one = micro_batch_activations(CFG, ActivationSetup(dtype_bytes=2), BATCH, SEQ, 1, False, False)
-    two = micro_batch_activations(CFG, ActivationSetup(dtype_bytes=2, tp=2), BATCH, SEQ, 1, False, False)
+    kw = {"has_embedding": False, "has_head": False, "receives_boundary": False}
+    one = micro_batch_activations(CFG, ActivationSetup(dtype_bytes=2), BATCH, SEQ, 1, **kw)
+    two = micro_batch_activations(CFG, ActivationSetup(dtype_bytes=2, tp=2), BATCH, SEQ, 1, **kw)
     sp = micro_batch_activations(CFG, ActivationSetup(dtype_bytes=2, tp=2, sequence_parallel=True), BATCH, SEQ, 1,
-                                 False, False)
+                                 **kw)
     assert one.per_layer > two.per_layer > sp.per_layer > one.per_layer / 2 - CFG.dim * BATCH * SEQ * 8
     with pytest.raises(ValueError, match="does not divide"):
-        micro_batch_activations(CFG, ActivationSetup(ulysses=3), BATCH, SEQ, 1, False, False)
+        micro_batch_activations(CFG, ActivationSetup(ulysses=3), BATCH, SEQ, 1, **kw)
