@@ -48,7 +48,7 @@ class ActivationSetup:
 
     dtype_bytes: int = 2
     tp: int = 1
-    sequence_parallel: bool = False  # The rotary tables are model buffers, cast with the model (no per-layer copies). Megatron sequence parallelism (needs tp > 1)
+    sequence_parallel: bool = False  # Megatron sequence parallelism (needs tp > 1)
     ulysses: int = 1  # all-to-all sequence-parallel degree
     checkpointing: bool = False  # every block wrapped in activation checkpointing
     partition_activations: bool = False  # checkpointed inputs split over the tensor-parallel ranks
