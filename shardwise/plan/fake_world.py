@@ -14,6 +14,9 @@ What the context changes, and restores on exit:
 * host allocations: the engine puts offloaded state on ``cpu`` explicitly; ``_HostOnMeta`` redirects explicit
   ``device="cpu"`` allocations and copies to ``meta``, so a plan of 405B parameters with ZeRO-Offload allocates
   nothing either. (Tensors created without a device, e.g. small headers, stay real.)
+* object collectives (``all_gather_object``, ``broadcast_object_list``): the fake backend moves no bytes, so a
+  gathered object would be garbage; inside the context every peer answers with this rank's own object, which is
+  what the engine's consistency checks expect of an SPMD program (every rank builds the same layout);
 * the comms log (cleared on entry, its previous totals restored on exit), activation-checkpointing settings and
   the CPU random state.
 """
@@ -96,6 +99,26 @@ def _restore_checkpointing(saved: tuple) -> None:
         tp_random.set_mpu(None)
 
 
+def _gather_own_object(object_list: list, obj: Any, group: Any = None) -> None:
+    for i in range(len(object_list)):
+        object_list[i] = obj
+
+
+def _broadcast_own_objects(object_list: list, src: int | None = None, group: Any = None, device: Any = None,
+                           group_src: int | None = None) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _own_object_collectives() -> Iterator[None]:
+    saved = dist.all_gather_object, dist.broadcast_object_list
+    dist.all_gather_object, dist.broadcast_object_list = _gather_own_object, _broadcast_own_objects
+    try:
+        yield
+    finally:
+        dist.all_gather_object, dist.broadcast_object_list = saved
+
+
 @contextlib.contextmanager
 def fake_world(rank: int, world_size: int) -> Iterator[None]:
     """Run the body as global rank ``rank`` of ``world_size`` (fake collectives, meta device); see the module doc."""
@@ -116,7 +139,7 @@ def fake_world(rank: int, world_size: int) -> Iterator[None]:
     accel.set_accelerator(MetaAccelerator())
     COMMS_LOG.reset()
     try:
-        with _HostOnMeta():
+        with _HostOnMeta(), _own_object_collectives():
             yield
     finally:
         from shardwise.comm import destroy_process_group

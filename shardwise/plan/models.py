@@ -70,12 +70,7 @@ class ModelSource:
 
     def parameters(self) -> int | None:
         """Parameter count of the whole model (known shapes only)."""
-        if self.llama is None:
-            return None
-        c = self.llama
-        per_block = 2 * c.dim + c.dim * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim \
-            + 3 * c.dim * c.hidden
-        return 2 * c.vocab_size * c.dim + c.n_layers * per_block + c.dim
+        return llama_parameters(self.llama) if self.llama is not None else None
 
     def build(self, topology: Any, *, seq_len: int, checkpointing: bool, sequence_parallel: bool,
               virtual_stages: int) -> nn.Module:
@@ -102,6 +97,13 @@ def _pipeline_llama(cfg: LlamaConfig, topology: Any, checkpointing: bool, virtua
                           loss_fn=LlamaPipeLoss(topology), partition_method="type:BlockPipe",
                           activation_checkpoint_interval=1 if checkpointing else 0, virtual_stages=virtual_stages,
                           checkpointable_layers=["BlockPipe"])  # not the embedding: its input is integer tokens
+
+
+def llama_parameters(c: LlamaConfig) -> int:
+    """Parameters of the reference model: embedding and LM head, blocks (two norms, Q|K|V, output, SwiGLU), norm."""
+    per_block = 2 * c.dim + c.dim * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim \
+        + 3 * c.dim * c.hidden
+    return 2 * c.vocab_size * c.dim + c.n_layers * per_block + c.dim
 
 
 class _HFCausalLM(nn.Module):

@@ -101,6 +101,9 @@ def _layers_on_rank(model: Any, setup: ProbeSetup) -> tuple[int, bool, bool]:
     return names.count("BlockPipe"), "NormHeadPipe" in names, model.stage_id > 0
 
 
+_METADATA_OPS = ("all_gather_object", "broadcast_object", "barrier")
+
+
 def _group_span(topology: Any, name: str) -> tuple[int, int]:
     try:
         ranks = topology.group(name).ranks
@@ -112,8 +115,8 @@ def _group_span(topology: Any, name: str) -> tuple[int, int]:
 def _rows(rec: Any, topology: Any, p2p: PlanP2P | None, scale: float) -> list[TrafficRow]:
     rows = []
     for (phase, op, group), t in sorted(rec.records.items()):
-        if not t.count or (op in ("send", "recv") and p2p is not None):
-            continue  # split by link below
+        if not t.count or op in _METADATA_OPS or (op in ("send", "recv") and p2p is not None):
+            continue  # object collectives: one-off consistency checks; sends: split by link below
         size, nodes = _group_span(topology, group)
         rows.append(TrafficRow(phase, op, group, size, nodes, "intra" if nodes == 1 else "inter", t.count,
                                t.msg_bytes, t.wire_bytes))

@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from shardwise.plan.hardware import HardwareProfile
+from shardwise.plan.models import llama_parameters
 
 _EXPOSED_GROUPS = ("tp", "sp", "pp", "pp+tp")
 _OVERLAP_PHASES = ("forward", "backward")
@@ -89,14 +90,8 @@ def estimate_step(probe: Any, llama: Any, *, seq_len: int, tp: int, sp: int, wor
     optimizer = owned * (8 + 16 + probe.grad_bytes + probe.param_bytes) / hw.hbm_bytes_per_s
     step = stretched + exposed + (overlappable - hidden) + optimizer
     tokens_step = probe.micro_batch * probe.gas * dp * seq_len
-    params = _total_params(llama)
+    params = llama_parameters(llama)
     per_token = model_flops_per_token(params, llama.vocab_size, llama.dim, llama.n_layers, seq_len)
     mfu = per_token * tokens_step / (step * peak * world_size)
     return StepTime(compute, stretched - compute, exposed + overlappable - hidden, hidden, optimizer, step,
                     per_token, tokens_step, tokens_step / step / world_size, mfu, by_group)
-
-
-def _total_params(c: Any) -> int:
-    per_block = 2 * c.dim + c.dim * (c.n_heads + 2 * c.kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim \
-        + 3 * c.dim * c.hidden
-    return 2 * c.vocab_size * c.dim + c.n_layers * per_block + c.dim
