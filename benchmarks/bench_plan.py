@@ -29,6 +29,9 @@ LAYOUTS = [
       "--zero_stage", "1", "--gradient_accumulation_steps", "64", "--checkpoint_activations"]),
     ("LLaMA-7B, dp 1024, ZeRO-3 + hpZ, 1 rank probed",
      ["--model", "llama-7b", "--world_size", "1024", "--deepspeed_config", "benchmarks/configs/plan_zero3_hpz.json"]),
+    ("LLaMA-405B, dp 1024, ZeRO-3 + hpZ, ckpt, 1 rank probed (126 blocks on one rank)",
+     ["--model", "llama-405b", "--world_size", "1024", "--deepspeed_config",
+      "benchmarks/configs/plan_zero3_hpz.json", "--checkpoint_activations"]),
 ]
 
 

@@ -45,6 +45,8 @@ class HardwareProfile:
     gpus_per_node: int
     intra_node: Link
     inter_node: Link
+    host_bytes_per_s: float  # host memory bandwidth per accelerator (the CPU optimizer of ZeRO-Offload)
+    pcie_bytes_per_s: float  # host <-> device, per accelerator and direction
     sources: list[str] = field(default_factory=list)
 
     @property
@@ -78,7 +80,8 @@ def load_profile(name_or_path: str) -> HardwareProfile:
             peak_flops={k: float(v) for k, v in raw["peak_flops"].items()},
             matmul_efficiency=float(raw["matmul_efficiency"]), hbm_bytes_per_s=float(raw["hbm_bytes_per_s"]),
             gpus_per_node=int(raw["gpus_per_node"]), intra_node=Link(**raw["intra_node"]),
-            inter_node=Link(**raw["inter_node"]), sources=list(raw.get("sources", [])))
+            inter_node=Link(**raw["inter_node"]), host_bytes_per_s=float(raw["host_bytes_per_s"]),
+            pcie_bytes_per_s=float(raw["pcie_bytes_per_s"]), sources=list(raw.get("sources", [])))
     except (KeyError, TypeError) as exc:
         raise ProfileError(f"hardware profile {path}: missing or malformed field {exc}; see "
                            f"{PROFILE_DIR / 'h100-sxm.json'} for the expected shape") from None

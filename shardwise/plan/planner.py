@@ -119,13 +119,19 @@ def _dtype(ds: dict[str, Any]) -> str:
     return "fp32"
 
 
-def _split_states(memory: dict[str, int], ds: dict[str, Any]) -> tuple[dict[str, int], int]:
+def _on_host(ds: dict[str, Any]) -> set[str]:
+    """Model-state kinds ZeRO-Offload keeps on the host."""
     zc = ds.get("zero_optimization") or {}
     on_host = set()
     if ((zc.get("offload_optimizer") or {}).get("device") or "none") != "none":
         on_host |= {"master_weights", "optimizer_states"}
     if ((zc.get("offload_param") or {}).get("device") or "none") != "none":
         on_host.add("parameters")
+    return on_host
+
+
+def _split_states(memory: dict[str, int], ds: dict[str, Any]) -> tuple[dict[str, int], int]:
+    on_host = _on_host(ds)
     device = {k: (0 if k in on_host else v) for k, v in memory.items()}
     return device, sum(v for k, v in memory.items() if k in on_host)
 
@@ -185,7 +191,10 @@ def _rank_plan(source: ModelSource, probe: RankProbe, setup: ProbeSetup, pipe: P
     if source.llama is not None:
         rp.step = estimate_step(probe, source.llama, seq_len=setup.seq_len, tp=setup.tp, sp=setup.sp,
                                 world_size=setup.world_size, dp=setup.world_size // (setup.tp * setup.pp * setup.sp),
-                                checkpointing=setup.checkpointing, bubble=pipe.bubble, dtype=dtype, hw=hw)
+                                checkpointing=setup.checkpointing, bubble=pipe.bubble, dtype=dtype, hw=hw,
+                                activation_bytes=acts["none"].resident if acts else 0,
+                                offload_optimizer="master_weights" in _on_host(ds),
+                                offload_param="parameters" in _on_host(ds))
     return rp
 
 

@@ -98,7 +98,8 @@ def _step_lines(plan: Any) -> list[str]:
     s = slow.step
     return [f"step time on {plan.hardware.name} (slowest sampled rank {slow.probe.rank}; assumptions: "
             "docs/scale.md, [Note: step-time model]):",
-            f"  compute {s.compute_s:.3f} s + bubble {s.bubble_s:.3f} s + exposed communication "
+            f"  compute {s.compute_s:.3f} s (memory-bound part {s.elementwise_s:.3f} s) + bubble {s.bubble_s:.3f} s "
+            f"+ exposed communication "
             f"{s.exposed_comm_s:.3f} s + optimizer {s.optimizer_s:.3f} s = {s.step_s:.3f} s "
             f"(communication hidden behind compute: {s.hidden_comm_s:.3f} s)",
             f"  {s.tokens_per_step:,} tokens per step -> {s.tokens_per_s_per_device:,.0f} tokens/s per device, "

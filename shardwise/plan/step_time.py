@@ -4,7 +4,10 @@
 
 * compute: matmul FLOPs of this rank's part (``6 x matmul parameters x tokens`` plus attention
   ``12 x layers x h x s x tokens / t``; one more forward, ``2 N + 4 L h s``, when activation checkpointing
-  recomputes) at ``peak_flops x matmul_efficiency``; elementwise work is not counted;
+  recomputes) at ``peak_flops x matmul_efficiency``;
+* elementwise work (norms, rotary, SwiGLU, softmax statistics, casts) is memory-bound: each byte of the
+  activations a micro-batch saves is taken to cross HBM four times (written and read in forward, read and its
+  gradient written in backward; six with recomputation), at ``hbm_bytes_per_s``;
 * pipeline: the compute of a step stretches to ``compute / (1 - bubble)`` (the replayed bubble of ``pipeline.py``);
 * communication: every (op, group) of the measured step costs ``wire bytes / (link bandwidth x efficiency) +
   count x latency``, on the intra-node link when the group sits on one node, else on the inter-node link;
@@ -13,7 +16,9 @@
   collectives (on the critical path of every layer), pipeline sends (charged in full, conservatively), the
   pipeline's data-parallel reduction and everything in the optimizer step are exposed;
 * optimizer: the step reads and writes the owned fp32 master and Adam state (and reads gradients, writes
-  weights) at HBM bandwidth.
+  weights) at HBM bandwidth; with ZeRO-Offload on the host, at the host's memory bandwidth per accelerator, plus
+  the gradients down and the weights up over PCIe (exposed); offloaded parameter shards cross PCIe at every
+  gather (forward and backward), overlappable like the gathers.
 
 Model FLOPs (the MFU numerator) follow PaLM / torchtitan: ``6 N + 12 L h s`` per token, ``N`` the parameters
 without the embedding table; recomputation is not model work.
@@ -35,7 +40,8 @@ _OVERLAP_PHASES = ("forward", "backward")
 class StepTime:
     """Seconds per optimizer step on one rank, by part, and what they imply."""
 
-    compute_s: float
+    compute_s: float  # matmuls + memory-bound elementwise work
+    elementwise_s: float  # the memory-bound part of compute_s
     bubble_s: float
     exposed_comm_s: float
     hidden_comm_s: float  # overlappable traffic hidden behind compute
@@ -73,8 +79,11 @@ def _comm(rows: list[Any], hw: HardwareProfile) -> tuple[float, float, dict[str,
 
 
 def estimate_step(probe: Any, llama: Any, *, seq_len: int, tp: int, sp: int, world_size: int, dp: int,
-                  checkpointing: bool, bubble: float, dtype: str, hw: HardwareProfile) -> StepTime:
-    """Step time of ``probe``'s rank (see [Note: step-time model])."""
+                  checkpointing: bool, bubble: float, dtype: str, hw: HardwareProfile,
+                  activation_bytes: int = 0, offload_optimizer: bool = False,
+                  offload_param: bool = False) -> StepTime:
+    """Step time of ``probe``'s rank (see [Note: step-time model]); ``activation_bytes``: what one micro-batch
+    saves for backward without checkpointing."""
     tokens_rank = probe.micro_batch * probe.gas * seq_len // sp
     embedding = llama.vocab_size * llama.dim // tp if (probe.coords["pp"] == 0) else 0
     matmul_params = probe.local_params - embedding
@@ -82,16 +91,23 @@ def estimate_step(probe: Any, llama: Any, *, seq_len: int, tp: int, sp: int, wor
     model_flops = 6.0 * matmul_params * tokens_rank + attention
     hw_flops = model_flops + ((2.0 * matmul_params * tokens_rank + attention / 3) if checkpointing else 0.0)
     peak = hw.peak_flops.get(dtype, hw.peak_flops["bf16"])
-    compute = hw_flops / (peak * hw.matmul_efficiency)
+    elementwise = (6 if checkpointing else 4) * activation_bytes * probe.gas / hw.hbm_bytes_per_s
+    compute = hw_flops / (peak * hw.matmul_efficiency) + elementwise
     stretched = compute / (1.0 - bubble) if bubble < 1 else float("inf")
     exposed, overlappable, by_group = _comm(probe.traffic, hw)
+    if offload_param:
+        overlappable += 2 * probe.gas * probe.memory.get("parameters", 0) / hw.pcie_bytes_per_s
     hidden = min(overlappable, compute)
     owned = probe.memory.get("master_weights", 0) / 4
-    optimizer = owned * (8 + 16 + probe.grad_bytes + probe.param_bytes) / hw.hbm_bytes_per_s
+    if offload_optimizer:
+        optimizer = owned * 24 / hw.host_bytes_per_s + owned * (probe.grad_bytes + probe.param_bytes) \
+            / hw.pcie_bytes_per_s
+    else:
+        optimizer = owned * (8 + 16 + probe.grad_bytes + probe.param_bytes) / hw.hbm_bytes_per_s
     step = stretched + exposed + (overlappable - hidden) + optimizer
     tokens_step = probe.micro_batch * probe.gas * dp * seq_len
     params = llama_parameters(llama)
     per_token = model_flops_per_token(params, llama.vocab_size, llama.dim, llama.n_layers, seq_len)
     mfu = per_token * tokens_step / (step * peak * world_size)
-    return StepTime(compute, stretched - compute, exposed + overlappable - hidden, hidden, optimizer, step,
+    return StepTime(compute, elementwise, stretched - compute, exposed + overlappable - hidden, hidden, optimizer, step,
                     per_token, tokens_step, tokens_step / step / world_size, mfu, by_group)

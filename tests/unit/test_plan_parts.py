@@ -85,6 +85,9 @@ def test_step_time_adds_up_and_hides_overlappable_traffic() -> None:
     exposed = estimate_step(probe, llama, seq_len=4096, tp=1, sp=1, world_size=8, dp=8, checkpointing=False,
                             bubble=0.5, dtype="bf16", hw=hw)
     assert exposed.bubble_s == pytest.approx(exposed.compute_s)
+    memory_bound = estimate_step(probe, llama, seq_len=4096, tp=1, sp=1, world_size=8, dp=8, checkpointing=True,
+                                 bubble=0.0, dtype="bf16", hw=hw, activation_bytes=10**9)
+    assert memory_bound.elementwise_s == pytest.approx(6 * 10**9 * 4 / hw.hbm_bytes_per_s)  # 6 passes x 4 micro
 
 
 @pytest.mark.parametrize("argv,message", [
