@@ -50,7 +50,8 @@ class TrafficRow:
     link: str  # "intra" (one node) or "inter"
     count: float
     msg_bytes: float
-    wire_bytes: float
+    wire_bytes: float  # what this rank sends on a ring (see comm/comms_log.py)
+    inter_bytes: float = 0.0  # what crosses this rank's network port (see [Note: inter-node bytes])
 
 
 @dataclass
@@ -104,12 +105,36 @@ def _layers_on_rank(model: Any, setup: ProbeSetup) -> tuple[int, bool, bool]:
 _METADATA_OPS = ("all_gather_object", "broadcast_object", "barrier")
 
 
-def _group_span(topology: Any, name: str) -> tuple[int, int]:
+def _group_span(topology: Any, name: str) -> tuple[int, int, int]:
+    """(members, nodes they sit on, members on this rank's node)."""
     try:
         ranks = topology.group(name).ranks
     except KeyError:
         ranks = tuple(range(topology.world_size))
-    return len(ranks), len({topology.node_of(r) for r in ranks})
+    here = topology.node_of(topology.rank)
+    return len(ranks), len({topology.node_of(r) for r in ranks}), sum(topology.node_of(r) == here for r in ranks)
+
+
+def inter_node_bytes(op: str, msg: float, wire: float, size: int, nodes: int, local: int) -> float:
+    """Bytes one rank's network port carries for a collective over a group spanning ``nodes`` nodes.
+
+    [Note: inter-node bytes] Of a gathered (or reduced) buffer of ``msg`` bytes, the ``(nodes - 1) / nodes`` that
+    lives on other nodes must enter each node once; a node's ``local`` members share that across their own ports
+    (NCCL runs one ring per port, each crossing between nodes once), so each port carries
+    ``msg (nodes - 1) / nodes / local``: the lower bound, which rings and trees reach. An all-reduce is a
+    reduce-scatter and an all-gather (twice that); an all-to-all cannot be aggregated (``msg`` x the share of peers
+    on other nodes). A point-to-point send crosses in full when its peer is on another node.
+    """
+    if nodes <= 1:
+        return 0.0
+    share = (nodes - 1) / nodes / max(local, 1)
+    if op in ("all_gather", "reduce_scatter", "broadcast", "reduce"):
+        return msg * share
+    if op == "all_reduce":
+        return 2 * msg * share
+    if op == "all_to_all":
+        return msg * (size - local) / size
+    return wire
 
 
 def _rows(rec: Any, topology: Any, p2p: PlanP2P | None, scale: float) -> list[TrafficRow]:
@@ -117,15 +142,17 @@ def _rows(rec: Any, topology: Any, p2p: PlanP2P | None, scale: float) -> list[Tr
     for (phase, op, group), t in sorted(rec.records.items()):
         if not t.count or op in _METADATA_OPS or (op in ("send", "recv") and p2p is not None):
             continue  # object collectives: one-off consistency checks; sends: split by link below
-        size, nodes = _group_span(topology, group)
+        size, nodes, local = _group_span(topology, group)
         rows.append(TrafficRow(phase, op, group, size, nodes, "intra" if nodes == 1 else "inter", t.count,
-                               t.msg_bytes, t.wire_bytes))
+                               t.msg_bytes, t.wire_bytes,
+                               inter_node_bytes(op, t.msg_bytes, t.wire_bytes, size, nodes, local)))
     if p2p is not None:
-        size, nodes = _group_span(topology, "pp")
+        size, nodes, _ = _group_span(topology, "pp")
         for link, (count, nbytes) in p2p.sent.items():  # steady state: the one-off shape handshake is left out
             count, nbytes = count * scale, nbytes * scale
             if count:
-                rows.append(TrafficRow("pipeline", "send", "pp", size, nodes, link, count, nbytes, nbytes))
+                rows.append(TrafficRow("pipeline", "send", "pp", size, nodes, link, count, nbytes, nbytes,
+                                       nbytes if link == "inter" else 0.0))
     return rows
 
 

@@ -31,10 +31,11 @@ def plan_json(plan: Any) -> dict[str, Any]:
 
 
 def traffic_by_link(rows: list[Any]) -> dict[str, float]:
-    """Wire bytes this rank sends per step, intra-node and inter-node."""
+    """Bytes per step: what this rank sends inside its node, and what crosses its network port."""
     out = {"intra": 0.0, "inter": 0.0}
     for r in rows:
-        out[r.link] += r.wire_bytes
+        out["inter"] += r.inter_bytes
+        out["intra"] += r.wire_bytes - r.inter_bytes
     return out
 
 
@@ -78,15 +79,17 @@ def _memory_table(plan: Any) -> list[str]:
 
 
 def _traffic_table(rp: Any) -> list[str]:
-    lines = [f"traffic per step, rank {rp.probe.rank} (bytes this rank sends; msg = the full buffer of each op):",
+    lines = [f"traffic per step, rank {rp.probe.rank} (msg: the full buffer of each op; wire: what this rank sends on "
+             "a ring; network: what crosses its inter-node port):",
              f"  {'phase':<10}{'group':<12}{'size':>6}{'nodes':>6} {'link':<6}{'op':<16}{'count':>8}"
-             f"{'msg MB':>12}{'wire MB':>12}"]
+             f"{'msg MB':>12}{'wire MB':>12}{'network MB':>12}"]
     for t in rp.probe.traffic:
         lines.append(f"  {t.phase:<10}{t.group:<12}{t.group_size:>6}{t.nodes:>6} {t.link:<6}{t.op:<16}"
-                     f"{t.count:>8.0f}{t.msg_bytes / _MB:>12.1f}{t.wire_bytes / _MB:>12.1f}")
+                     f"{t.count:>8.0f}{t.msg_bytes / _MB:>12.1f}{t.wire_bytes / _MB:>12.1f}"
+                     f"{t.inter_bytes / _MB:>12.1f}")
     by = traffic_by_link(rp.probe.traffic)
-    lines.append(f"  total sent per step: intra-node {by['intra'] / _MB:,.1f} MB, "
-                 f"inter-node {by['inter'] / _MB:,.1f} MB")
+    lines.append(f"  per step: {by['intra'] / _MB:,.1f} MB inside the node, {by['inter'] / _MB:,.1f} MB over the "
+                 "inter-node network")
     return lines
 
 

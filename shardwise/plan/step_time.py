@@ -9,8 +9,10 @@
   activations a micro-batch saves is taken to cross HBM four times (written and read in forward, read and its
   gradient written in backward; six with recomputation), at ``hbm_bytes_per_s``;
 * pipeline: the compute of a step stretches to ``compute / (1 - bubble)`` (the replayed bubble of ``pipeline.py``);
-* communication: every (op, group) of the measured step costs ``wire bytes / (link bandwidth x efficiency) +
-  count x latency``, on the intra-node link when the group sits on one node, else on the inter-node link;
+* communication: every (op, group) of the measured step costs ``wire bytes / (intra-node bandwidth x
+  efficiency) + count x latency`` when the group sits on one node; when it spans nodes, the larger of that and
+  ``inter-node bytes / (network bandwidth x efficiency)`` (the NVLink and network hops of a ring pipeline; the
+  inter-node bytes are each port's share, [Note: inter-node bytes] in probe.py), plus the network's latency;
 * overlap: ZeRO traffic issued during forward and backward (ZeRO-3 prefetched gathers, gradient reductions
   launched from backward hooks) hides behind that compute, up to its length; tensor/sequence-parallel
   collectives (on the critical path of every layer), pipeline sends (charged in full, conservatively), the
@@ -68,8 +70,10 @@ def _comm(rows: list[Any], hw: HardwareProfile) -> tuple[float, float, dict[str,
     exposed = overlappable = 0.0
     by_group: dict[str, float] = {}
     for r in rows:
-        link = hw.intra_node if r.link == "intra" else hw.inter_node
-        seconds = r.wire_bytes / link.effective + r.count * link.latency_s
+        seconds = r.wire_bytes / hw.intra_node.effective + r.count * hw.intra_node.latency_s
+        if r.link == "inter":
+            seconds = max(r.wire_bytes / hw.intra_node.effective, r.inter_bytes / hw.inter_node.effective) \
+                + r.count * hw.inter_node.latency_s
         by_group[r.group] = by_group.get(r.group, 0.0) + seconds
         if r.phase in _OVERLAP_PHASES and r.group not in _EXPOSED_GROUPS:
             overlappable += seconds

@@ -150,8 +150,7 @@ def test_hpz_keeps_backward_gathers_inside_the_node() -> None:
     hpz = plan_layout(ModelSource("x", llama=CFG), 16, ds_config=_ds(3, zero_hpz_partition_size=4, **units), **kw)
 
     def inter(plan, phase: str) -> float:
-        return sum(t.wire_bytes for t in plan.ranks[0].probe.traffic
-                   if t.link == "inter" and t.phase == phase and t.op == "all_gather")
+        return sum(t.inter_bytes for t in plan.ranks[0].probe.traffic if t.phase == phase and t.op == "all_gather")
 
     assert inter(flat, "backward") > 0 and inter(hpz, "backward") == 0
     assert 0 < inter(hpz, "forward") < inter(flat, "forward")

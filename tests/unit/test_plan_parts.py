@@ -72,7 +72,7 @@ def test_step_time_adds_up_and_hides_overlappable_traffic() -> None:
     llama = PRESETS["llama-7b"]
     hw = load_profile("h100-sxm")
     row = SimpleNamespace(phase="backward", op="reduce_scatter", group="dp+sp", link="inter", count=10.0,
-                          wire_bytes=1e9, msg_bytes=1e9)
+                          wire_bytes=1e9, msg_bytes=1e9, inter_bytes=1e9)
     probe = SimpleNamespace(micro_batch=1, gas=4, coords={"pp": 0}, local_params=resolve_model("llama-7b")
                             .parameters(), n_layers=32, traffic=[row], memory={"master_weights": 4e9 / 8},
                             grad_bytes=2, param_bytes=2)
@@ -99,3 +99,15 @@ def test_step_time_adds_up_and_hides_overlappable_traffic() -> None:
 def test_cli_reports_bad_arguments_with_the_fix(argv: list[str], message: str, capsys) -> None:
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+def test_inter_node_bytes_are_each_ports_share_of_what_must_cross() -> None:
+    from shardwise.plan.probe import inter_node_bytes
+
+    s = 1.6e9  # a gathered buffer; 64 ranks on 8 nodes of 8
+    assert inter_node_bytes("all_gather", s, 63 / 64 * s, 64, 8, 8) == pytest.approx(s * 7 / 8 / 8)
+    assert inter_node_bytes("all_reduce", s, 2 * 63 / 64 * s, 64, 8, 8) == pytest.approx(2 * s * 7 / 8 / 8)
+    # hpZ's cross-node step: one rank per node gathers an eighth of the buffer -> the same bytes per port
+    assert inter_node_bytes("all_gather", s / 8, 7 / 8 * s / 8, 8, 8, 1) == pytest.approx(s * 7 / 8 / 8)
+    assert inter_node_bytes("all_to_all", s, 63 / 64 * s, 64, 8, 8) == pytest.approx(s * 56 / 64)
+    assert inter_node_bytes("all_gather", s, s, 8, 1, 8) == 0.0
