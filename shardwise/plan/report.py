@@ -58,7 +58,7 @@ def _g(n: float) -> str:
 
 def _memory_table(plan: Any) -> list[str]:
     ranks = plan.ranks
-    head = f"{'per rank (GiB)':<34}" + "".join(f"{'rank ' + str(r.probe.rank):>14}" for r in ranks)
+    head = f"{'per rank (GiB)':<40}" + "".join(f"{'rank ' + str(r.probe.rank):>14}" for r in ranks)
     rows = [("coords pp/dp/sp/tp", ["/".join(str(r.probe.coords[a]) for a in ("pp", "dp", "sp", "tp"))
                                      for r in ranks]),
             ("parameters", [_g(r.device_states["parameters"]) for r in ranks]),
@@ -72,10 +72,10 @@ def _memory_table(plan: Any) -> list[str]:
         if all(key in r.activations for r in ranks) and ranks[0].activations:
             rows.append((label, [_g(r.activations[key].resident) for r in ranks]))
     rows += [("micro-batches in flight", [str(r.in_flight) for r in ranks]),
-             ("buffers (gathers, buckets, logits)", [_g(sum(r.buffers.values())) for r in ranks]),
+             ("buffers (gathers, buckets, hpZ, logits)", [_g(sum(r.buffers.values())) for r in ranks]),
              ("peak", [_g(r.peak) for r in ranks]),
              ("fits", ["yes" if r.fits else "NO" for r in ranks])]
-    return [head] + [f"{label:<34}" + "".join(f"{v:>14}" for v in values) for label, values in rows]
+    return [head] + [f"{label:<40}" + "".join(f"{v:>14}" for v in values) for label, values in rows]
 
 
 def _traffic_table(rp: Any) -> list[str]:

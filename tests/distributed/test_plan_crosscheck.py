@@ -222,3 +222,26 @@ def test_3d_plan_at_1024_ranks_places_each_group_where_it_belongs() -> None:
     wide = plan_layout(ModelSource("3d", llama=cfg), 1024, ds_config=_ds(1, gas=8), gpus_per_node=8, tp=16,
                        pp=4, seq_len=32, ranks=[0])
     assert any("tp group (16 ranks) spans 2 nodes" in note for note in wide.notes)
+
+
+def build_factory_model(topology: Topology) -> torch.nn.Module:
+    """A user's module factory (``--model tests.distributed.test_plan_crosscheck:build_factory_model``)."""
+    return Llama(replace(CFG, max_seq_len=SEQ))
+
+
+def test_factories_and_hugging_face_configs_are_planned_with_zero(tmp_path) -> None:
+    from transformers import GPT2Config
+
+    from shardwise.plan import render
+
+    factory = plan_layout("tests.distributed.test_plan_crosscheck:build_factory_model", 8, ds_config=_ds(2),
+                          seq_len=SEQ)
+    reference = plan_layout(ModelSource("x", llama=CFG), 8, ds_config=_ds(2), seq_len=SEQ)
+    assert factory.ranks[0].probe.memory == reference.ranks[0].probe.memory
+    assert factory.ranks[0].step is None and not factory.ranks[0].activations and "FITS" in render(factory)
+    GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=SEQ).save_pretrained(tmp_path)
+    hf = plan_layout(str(tmp_path / "config.json"), 8, ds_config=_ds(3), seq_len=SEQ)
+    p = sum(hf.ranks[0].probe.memory.values())
+    assert p == pytest.approx(16 * hf.ranks[0].probe.local_params / 8, rel=0.05)
+    with pytest.raises(ValueError, match="tensor, pipeline and sequence parallelism need"):
+        plan_layout(str(tmp_path), 8, ds_config=_ds(1), tp=2, seq_len=SEQ)
