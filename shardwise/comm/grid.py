@@ -65,17 +65,12 @@ def axis_groups(axes: Iterable[str], sizes: dict[str, int]) -> list[tuple[int, .
     if unknown:
         raise GridError(f"unknown axes {sorted(unknown)}; valid axes are {AXES}")
     world = prod(sizes[a] for a in AXES)
-    seen: dict[tuple[int, ...], None] = {}
-    for rank in range(world):
+    fixed_axes = [a for a in AXES if a not in axes]
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for rank in range(world):  # one pass: O(world), not O(groups x world) (1,024-rank plans build every family)
         c = coords_of(rank, sizes)
-        key = tuple(c[a] for a in AXES if a not in axes)
-        seen.setdefault(key, None)
-    groups = []
-    for key in seen:
-        fixed = dict(zip([a for a in AXES if a not in axes], key))
-        members = sorted(r for r in range(world) if all(coords_of(r, sizes)[a] == v for a, v in fixed.items()))
-        groups.append(tuple(members))
-    return groups
+        groups.setdefault(tuple(c[a] for a in fixed_axes), []).append(rank)
+    return [tuple(members) for members in groups.values()]
 
 
 def chunk_groups(groups: Sequence[tuple[int, ...]], size: int) -> list[tuple[int, ...]]:
