@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from .errors import KIND_CONFLICT, Problem, show
 from .schema import SectionsConfig
+from .schema_data import data_efficiency_problems
 
 
 def _p(path: str, message: str) -> Problem:
@@ -17,6 +18,7 @@ def _p(path: str, message: str) -> Problem:
 def cross_checks(cfg: SectionsConfig) -> list[Problem]:
     """Every cross-field problem of ``cfg`` (empty list when consistent)."""
     problems = _precision_checks(cfg) + _zero_checks(cfg)
+    problems += data_efficiency_problems(cfg.data_efficiency, cfg.curriculum_learning)
     if cfg.optimizer is not None and "max_grad_norm" in cfg.optimizer.params:
         value = cfg.optimizer.params["max_grad_norm"]
         problems.append(_p("optimizer.params.max_grad_norm",
