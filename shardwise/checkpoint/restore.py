@@ -197,6 +197,9 @@ def load_training_state(engine: Any, reader: CheckpointReader, *, scheduler: boo
     sched = m.get("lr_scheduler")
     if scheduler and sched is not None and engine.lr_scheduler is not None:
         engine.lr_scheduler.load_state_dict(codec.decode(sched["state"], fetch))
+    data_state = m.get("data_efficiency")
+    if data_state and hasattr(engine, "load_data_efficiency_state_dict"):
+        engine.load_data_efficiency_state_dict(codec.decode(data_state, fetch))
     saved_world = m["layout"]["world_size"]
     if saved_world != world_size:
         logger.warning("RNG states not restored: saved by %d ranks, loading on %d (each rank keeps its own)",

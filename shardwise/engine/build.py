@@ -21,7 +21,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
-from shardwise.engine.dataloader import build_dataloader
+from shardwise.engine.dataloader import build_training_loader
 from shardwise.engine.engine import Engine, _log_build
 from shardwise.engine.lr_schedules import build_scheduler
 from shardwise.engine.optimizers import build_optimizer, is_zero_supported_optimizer
@@ -52,8 +52,7 @@ def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimize
     scheduler = _build_scheduler(config, lr_scheduler, basic)
     loader = None
     if training_data is not None:
-        loader = build_dataloader(training_data, config.train_micro_batch_size_per_gpu, topology.size("dp"),
-                                  topology.coord("dp"), collate_fn=collate_fn, drop_last=config.dataloader_drop_last)
+        loader = build_training_loader(training_data, config, topology.size("dp"), topology.coord("dp"), collate_fn)
     _configure_activation_checkpointing(config, topology)
     engine = engine_cls(module=module, config=config, topology=topology, strategy=strategy, scaler=make_scaler(config),
                     lr_scheduler=scheduler, training_dataloader=loader)
