@@ -264,6 +264,12 @@ def _random_ltd_problems(ltd: RandomLTDConfig, path: str) -> list[Problem]:
             if value is None:
                 problems.append(_problem(f"{spath}.{key}", f"{spath}.{key}: missing; the random-LTD schedule needs "
                                          f"it. Fix: add it."))
+        step = sched.schedule_config.seq_per_step
+        if sched.min_value is not None and step is not None and sched.min_value < step:
+            problems.append(_problem(f"{spath}.min_value", f"{spath}: min_value {sched.min_value} < schedule_config."
+                                     f"seq_per_step {step}, so the first steps would keep 0 tokens (the kept count is "
+                                     f"rounded down to a multiple of seq_per_step). Fix: set min_value >= {step}.",
+                                     KIND_CONFLICT))
         if sched.min_value is not None and sched.max_value is not None and sched.max_value < sched.min_value:
             problems.append(_problem(f"{spath}.max_value", f"{spath}: max_value {sched.max_value} < min_value "
                                      f"{sched.min_value}. Fix: swap them.", KIND_CONFLICT))

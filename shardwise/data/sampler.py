@@ -171,7 +171,8 @@ class DataSampler:
             self._new_cluster(previous)
         if not self.clusters:
             raise RuntimeError(f"curriculum step {self.curriculum_step}: no training sample is admitted at "
-                               f"difficulties {self.current_difficulties}; lower min_difficulty to include some")
+                               f"difficulties {self.current_difficulties}; lower min_difficulty to include some (a "
+                               "percentile metric puts len(data) // max_difficulty samples in each percentile)")
         sizes = np.array([len(c) for c in self.clusters], dtype=np.float64)
         picks = self.np_rng.choice(len(self.clusters), self.global_batch_size, replace=True, p=sizes / sizes.sum())
         counts = np.bincount(picks, minlength=len(self.clusters))
