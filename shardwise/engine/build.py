@@ -48,6 +48,8 @@ def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimize
     _cast_and_place(module, model_dtype(config))
     basic = _build_basic_optimizer(module, config, optimizer, model_parameters)
     strategy = _build_strategy(module, config, topology, basic, default_grad_accum_dtype) if basic is not None else None
+    if strategy is not None and hasattr(basic, "bind_partitions"):  # Muon: where its matrices' pieces lie
+        basic.bind_partitions(strategy)
     _broadcast_from_first_replica(module, strategy, topology)
     scheduler = _build_scheduler(config, lr_scheduler, basic)
     loader = None
@@ -90,7 +92,8 @@ def _build_basic_optimizer(module: nn.Module, config: Any, optimizer: Any, model
     if optimizer is None and config.optimizer is None:
         return None
     if optimizer is None:
-        return build_optimizer(config.optimizer.type, dict(config.optimizer.params), params, offload=offload)
+        return build_optimizer(config.optimizer.type, dict(config.optimizer.params), params, offload=offload,
+                               named_parameters=module.named_parameters())
     if isinstance(optimizer, torch.optim.Optimizer):
         basic = optimizer
     elif callable(optimizer):
