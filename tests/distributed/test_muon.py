@@ -104,7 +104,8 @@ def test_muon_momentum_survives_a_checkpoint(stage: int, tmp_path) -> None:
     resumed = run_ranks(_resume_run, cfg, str(tmp_path), "resume")
     for r in range(2):
         for name, value in resumed[r].items():
-            torch.testing.assert_close(value, straight[r][name], rtol=1e-6, atol=1e-7, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(value, straight[r][name], rtol=1e-6, atol=1e-7,
+                                       msg=lambda m, name=name: f"{name}: {m}")
 
 
 def _bf16_run(stage: int) -> list[float]:
