@@ -30,6 +30,12 @@ class DataEfficiencyMixin:
 
     def _setup_data_efficiency(self) -> None:
         legacy = self._config.curriculum_learning
+        ltd_on = self._config.data_efficiency.data_routing.random_ltd.enabled
+        if hasattr(type(self), "train_batch") and ((legacy is not None and legacy.enabled) or ltd_on):
+            raise ValueError("random-LTD and the legacy curriculum_learning block are driven by the engine's "
+                             "forward(), which the pipeline engine's train_batch() does not call; they are not "
+                             "supported with PipelineModule. Fix: use data_efficiency.data_sampling."
+                             "curriculum_learning (the data loader's curriculum) or train without the pipeline")
         self.curriculum_scheduler_legacy = CurriculumScheduler(legacy) if legacy is not None and legacy.enabled \
             else None
         ltd = self._config.data_efficiency.data_routing.random_ltd

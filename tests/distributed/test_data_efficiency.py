@@ -271,3 +271,21 @@ def test_random_ltd_training_matches_single_process(stage: int, convert_first: b
     for r, res in enumerate(results):
         assert_close_rel(res["losses"], ref_losses, what=f"rank {r} losses")
         assert_state_close(res["state"], ref_state, rtol=2e-5, what=f"rank {r}")
+
+
+def _pipeline_refusal() -> str:
+    import torch.nn.functional as F
+
+    from shardwise.pipe import PipelineModule
+    from tests.pipe_models import pair_mlp_specs
+
+    model = PipelineModule(pair_mlp_specs(1), num_stages=2, loss_fn=lambda out, y: F.mse_loss(out, y),
+                           partition_method="uniform")
+    with pytest.raises(ValueError) as info:
+        shardwise.initialize(model=model, config={**_config(0, gas=1), **LEGACY})
+    return str(info.value)
+
+
+def test_step_driven_features_are_refused_with_the_pipeline_engine() -> None:
+    for message in run_ranks(_pipeline_refusal):
+        assert "not supported with PipelineModule" in message and "Fix:" in message
