@@ -68,10 +68,13 @@ class FlatMuonGroup:
         self.mine = sorted({k for k, *_ in local})
         numels = [int(torch.Size(s).numel()) for s in shapes]
         self.chunks: list[list[int]] = []
+        filled = 0
         for k, n in enumerate(numels):
-            if not self.chunks or sum(numels[j] for j in self.chunks[-1]) + n > CHUNK_NUMEL:
+            if not self.chunks or filled + n > CHUNK_NUMEL:
                 self.chunks.append([])
+                filled = 0
             self.chunks[-1].append(k)
+            filled += n
 
     def _gather(self, update: Tensor, chunk: list[int]) -> dict[int, Tensor]:
         """Full flattened blends of the chunk's weights this rank holds part of."""
