@@ -164,6 +164,10 @@ class RandomLTDConfig(Section):
     """Kept-token schedule (required)."""
     layer_token_lr_schedule: AnyDict | None = None
     """Layer-token LR schedule (DeepSpeed raises NotImplementedError for it; see the support table)."""
+    micro_batch_size: PosInt | None = None
+    """Set by the engine from train_micro_batch_size_per_gpu (as DeepSpeed does); a value here is ignored."""
+    global_batch_size: PosInt | None = None
+    """Set by the engine from train_batch_size (as DeepSpeed does); a value here is ignored."""
 
 
 class DataRoutingConfig(Section):

@@ -224,3 +224,24 @@ def test_post_process_func_replaces_the_builtin_truncation():
 
     loader.post_process_func = post
     assert [next(loader).shape[1] for _ in range(3)] == [5, 9, 9] and seen == [4, 8, 8]
+
+
+def test_random_ltd_config_requirements():
+    block = {"enabled": True, "total_layer_num": 4, "random_ltd_layer_num": 2, "random_ltd_layer_id": [1, 2],
+             "model_mask_name": None, "model_type": "decoder", "hidden_state_order": "batch_seq_dim",
+             "micro_batch_size": 2,  # DeepSpeed writes the batch sizes here itself; accepted, the engine's win
+             "random_ltd_schedule": {"min_value": 8, "max_value": 64, "schedule_type": "fixed_linear",
+                                     "schedule_config": {"require_steps": 100, "seq_per_step": 16}}}
+
+    def load(**over):
+        return load_config({"train_batch_size": 2, "data_efficiency": {"data_routing": {"random_ltd": {
+            **block, **over}}}}, log=False)
+
+    with pytest.raises(ConfigError, match=r"min_value 8 < schedule_config.seq_per_step 16.*Fix: set min_value >= 16"):
+        load()  # DeepSpeed 0.19.8 rounds the first kept count down to 0 tokens and fails inside the model
+    assert load(random_ltd_schedule={**block["random_ltd_schedule"], "min_value": 16}).data_efficiency
+    with pytest.raises(ConfigError, match="random_ltd_layer_num = 3 but random_ltd_layer_id lists 2"):
+        load(random_ltd_layer_num=3, random_ltd_schedule={**block["random_ltd_schedule"], "min_value": 16})
+    with pytest.raises(ConfigError, match="layer_token_lr_schedule"):
+        load(layer_token_lr_schedule={"enabled": True}, random_ltd_schedule={**block["random_ltd_schedule"],
+                                                                             "min_value": 16})
