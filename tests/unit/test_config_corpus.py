@@ -29,6 +29,9 @@ PLACEHOLDERS = {
     "ZERO_STAGE": "1", "LOG_INTERVAL": "10", "PRESCALE_GRAD": "false",
     "CONFIG_FP16_ENABLED": "true", "CONFIG_BF16_ENABLED": "false", "FP16_ENABLE": "true",
     "SPARSE_PRUNING_BLOCK_PATTERN": '"4x1"', "SPARSE_PRUNING_EXCLUDED_MODULES": '["classifier"]',
+    # random-LTD kept tokens: Megatron-DeepSpeed's scripts start at 128 (a multiple of seq_per_step 16) and end at
+    # the sequence length; 8 would round down to 0 kept tokens, which the loader refuses
+    "LTD_MIN": "128", "LTD_MAX": "2048",
 }
 # Some templates get another ZeRO stage so that stages 0-3 are all exercised.
 ZERO_STAGE = {
