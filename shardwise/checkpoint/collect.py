@@ -153,8 +153,15 @@ def _global_fields(engine: Any, client_state: dict, sink: _Sink) -> dict[str, An
                                           f"{META_PREFIX}hyper.", f"optimizer param_groups[{i}]")
                              for i, g in enumerate(basic.param_groups)]},
         "client_state": codec.encode(client_state, sink, f"{META_PREFIX}client.", "client_state"),
+        "data_efficiency": codec.encode(_data_efficiency_state(engine), sink, f"{META_PREFIX}data.",
+                                        "data_efficiency state"),
         "config": json.loads(json.dumps(raw, default=str)),
     }
+
+
+def _data_efficiency_state(engine: Any) -> dict[str, Any]:
+    """Curriculum sampler / schedule and random-LTD states (empty when none is on; see shardwise/data/)."""
+    return engine.data_efficiency_state_dict() if hasattr(engine, "data_efficiency_state_dict") else {}
 
 
 def snapshot(engine: Any, view: model_view.ModelView, *, client_state: dict, exclude_frozen: bool, copy: bool,

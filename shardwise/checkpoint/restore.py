@@ -218,6 +218,10 @@ def load_training_state(engine: Any, reader: CheckpointReader, *, scheduler: boo
     if scheduler and sched is not None and engine.lr_scheduler is not None:
         with _part(reader, "LR scheduler state"):
             engine.lr_scheduler.load_state_dict(codec.decode(sched.get("state"), fetch))
+    data_state = m.get("data_efficiency")
+    if data_state and hasattr(engine, "load_data_efficiency_state_dict"):
+        with _part(reader, "data efficiency state"):
+            engine.load_data_efficiency_state_dict(codec.decode(data_state, fetch))
     saved_world = m["layout"]["world_size"]
     if saved_world != world_size:
         logger.warning("RNG states not restored: saved by %d ranks, loading on %d (each rank keeps its own)",

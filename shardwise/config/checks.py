@@ -9,6 +9,7 @@ from __future__ import annotations
 from .errors import KIND_CONFLICT, KIND_TYPE, Problem, show
 from .params import OPTIMIZER_RULES, SCHEDULER_RULES, check_params
 from .schema import SectionsConfig
+from .schema_data import data_efficiency_problems
 
 # A dynamic loss scale above 2**127 is inf in float32: every step would overflow.
 MAX_SCALE_POWER = 127
@@ -25,6 +26,7 @@ def cross_checks(cfg: SectionsConfig) -> list[Problem]:
         problems += check_params("optimizer.params", cfg.optimizer.params, OPTIMIZER_RULES)
     if cfg.scheduler is not None:
         problems += check_params("scheduler.params", cfg.scheduler.params, SCHEDULER_RULES)
+    problems += data_efficiency_problems(cfg.data_efficiency, cfg.curriculum_learning)
     if cfg.optimizer is not None and "max_grad_norm" in cfg.optimizer.params:
         value = cfg.optimizer.params["max_grad_norm"]
         problems.append(_p("optimizer.params.max_grad_norm",

@@ -50,11 +50,22 @@ def section_class(cls: type[Section], name: str) -> type[Section] | None:
     info = cls.model_fields.get(name)
     if info is None:
         return None
+    if typing.get_origin(info.annotation) is dict:
+        return None  # a mapping of sections (see entry_section_class)
     candidates = [info.annotation, *typing.get_args(info.annotation)]
     for ann in candidates:
         if isinstance(ann, type) and issubclass(ann, Section):
             return ann
     return None
+
+
+def entry_section_class(cls: type[Section], name: str) -> type[Section] | None:
+    """For a ``dict[str, Section]`` field (e.g. curriculum_metrics), the Section class of its entries."""
+    info = cls.model_fields.get(name)
+    if info is None or typing.get_origin(info.annotation) is not dict:
+        return None
+    value_type = typing.get_args(info.annotation)[-1]
+    return value_type if isinstance(value_type, type) and issubclass(value_type, Section) else None
 
 
 def known_top_level_keys() -> set[str]:
@@ -135,6 +146,10 @@ def _walk_value(cls: type[Section], name: str, value: Any, path: str, out: Prepa
     sub = section_class(cls, name)
     if sub is not None and isinstance(value, dict):
         return _walk_section(sub, value, path, out)
+    entry = entry_section_class(cls, name)
+    if entry is not None and isinstance(value, dict):
+        return {key: _walk_section(entry, item, join_path(path, key), out) if isinstance(item, dict) else item
+                for key, item in value.items()}
     if path in _PARAM_DICTS and isinstance(value, dict):
         kept = {}
         for key, item in value.items():

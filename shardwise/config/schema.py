@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from .schema_base import AnyDict, Bool, Dtype, Float, PosFloat, PosInt, Section, Str, lowered
+from .schema_data import DataEfficiencyConfig, LegacyCurriculumConfig
 from .schema_monitor import (
     AioConfig,
     AutotuningConfig,
@@ -48,7 +49,7 @@ BATCH_KEYS = ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_ac
 # Top-level blocks of features DeepSpeed knows and shardwise does not implement; kept as plain dicts.
 OPAQUE_BLOCKS = (
     "sparse_attention", "compression_training", "quantize_training", "eigenvalue", "progressive_layer_drop",
-    "curriculum_learning", "data_efficiency", "datastates_ckpt", "weight_quantization", "expert_parallel",
+    "datastates_ckpt", "weight_quantization", "expert_parallel",
 )
 
 
@@ -177,10 +178,10 @@ class SectionsConfig(Section):
     """Eigenvalue computation for MoQ (removed in DeepSpeed 0.19.8)."""
     progressive_layer_drop: AnyDict | None = None
     """Progressive layer drop (removed in DeepSpeed 0.19.8)."""
-    curriculum_learning: AnyDict | None = None
-    """Legacy top-level curriculum learning (removed in DeepSpeed 0.19.8; use data_efficiency)."""
-    data_efficiency: AnyDict | None = None
-    """Data efficiency library: curriculum data sampling, random-LTD routing."""
+    curriculum_learning: LegacyCurriculumConfig | None = None
+    """Legacy top-level curriculum learning (removed in DeepSpeed 0.19.8; shardwise keeps 0.19.6's behaviour)."""
+    data_efficiency: DataEfficiencyConfig = _block(DataEfficiencyConfig)
+    """Data efficiency library: curriculum data sampling, random-LTD routing (schema_data.py)."""
     datastates_ckpt: AnyDict | None = None
     """DataStates asynchronous checkpointing."""
     weight_quantization: AnyDict | None = None

@@ -77,7 +77,7 @@ def _nested_enabled(node: Any) -> Iterable[Any]:
             yield from _nested_enabled(item)
 
 
-SUPPORTED_OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "adagrad", "lion")  # case-insensitive
+SUPPORTED_OPTIMIZERS = ("adam", "adamw", "sgd", "lamb", "adagrad", "lion", "muon")  # case-insensitive
 ONE_BIT_OPTIMIZERS = ("onebitadam", "zerooneadam", "onebitlamb")  # removed in DeepSpeed 0.19.8
 DS_SCHEDULERS = ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 
@@ -119,7 +119,7 @@ FULL_RATIO = Inert(lambda v: v >= 1.0, "1.0")
 COMPILE_DEFAULTS = Inert(lambda v: v == type(v)(), "all defaults", "remove the block")
 NOT_ONE_BIT = Inert(lambda v: not (isinstance(v, str) and v.lower() in ONE_BIT_OPTIMIZERS), "not 1-bit",
                     'use "type": "Adam" or "AdamW" (communication_data_type "bf16" halves the traffic)')
-KNOWN_OPTIMIZER = Inert(_optimizer_ok, "Adam, AdamW, SGD, Lamb, Adagrad, Lion or a torch.optim class",
+KNOWN_OPTIMIZER = Inert(_optimizer_ok, "Adam, AdamW, SGD, Lamb, Adagrad, Lion, Muon or a torch.optim class",
                         'use one of those, or pass your own optimizer to initialize(optimizer=...)')
 KNOWN_SCHEDULER = Inert(_scheduler_ok, ", ".join(DS_SCHEDULERS) + " or a torch.optim.lr_scheduler class",
                         'use one of those, or pass your own to initialize(lr_scheduler=...)')
@@ -137,7 +137,7 @@ class Feature:
 
 # Notes too long for a table line.
 _ONE_BIT = "the 1-bit optimizers (1-bit Adam, 0/1 Adam, 1-bit LAMB)"
-_OPTIMIZERS = "supported: Adam, AdamW, SGD, Lamb, Adagrad, Lion and any torch.optim class name"
+_OPTIMIZERS = "supported: Adam, AdamW, SGD, Lamb, Adagrad, Lion, Muon and any torch.optim class name"
 _SCHEDULERS = "supported: " + ", ".join(DS_SCHEDULERS) + " and torch.optim.lr_scheduler classes"
 _AUTOTUNER = ("it only drives DeepSpeed's separate autotuner (deepspeed --autotuning), which shardwise does not "
               "run; training proceeds with the config as written")
@@ -145,7 +145,9 @@ _RATIO = ("partial offload: shardwise offloads all optimizer state (ratio 1.0); 
           "use is higher")
 _ELASTIC_CKPT = "DeepSpeed no longer supports it either; shardwise checkpoints load at any data-parallel size"
 _COMPRESSION = "its compression library (XTC, ZeroQuant, pruning, layer reduction)"
-_CURRICULUM = "legacy top-level curriculum learning (its successor is data_efficiency.data_sampling)"
+_CURRICULUM = ("DeepSpeed 0.19.8 removed this legacy block (it refuses it); shardwise runs it as DeepSpeed 0.19.6 did "
+               "(forward gets curriculum_seqlen). Prefer data_efficiency.data_sampling.curriculum_learning")
+LEGACY_OFF = Inert(lambda v: v is None or not getattr(v, "enabled", False), "absent, or its \"enabled\" false")
 FEATURES: tuple[Feature, ...] = (
     # --- implemented (planned by the engine owners; flip to NOT_YET if a feature is dropped) ---------------
     Feature("zero_optimization.stage", S, note="ZeRO stages 0, 1, 2, 3"),  # zero/stage1-3
@@ -182,6 +184,10 @@ FEATURES: tuple[Feature, ...] = (
             note="every shardwise checkpoint is universal; the tag comes from latest_universal, else latest"),
     Feature("dataloader_drop_last", S),  # engine/dataloader.py
     Feature("sequence_parallel_size", S, note="Ulysses"),  # sp/ + comm/topology.py
+    Feature("data_efficiency.data_sampling.curriculum_learning", S,  # data/sampler.py, data/loader.py
+            note="schedules fixed_linear, fixed_root, fixed_discrete, custom; value/percentile metrics; "
+                 "seqlen_truncate"),
+    Feature("data_efficiency.data_routing.random_ltd", S, note="convert_to_random_ltd; fixed_linear"),  # data/
     Feature("data_parallel_size", S),  # comm/topology.py
     Feature("steps_per_print", S),  # engine
     # --- performance hints: accepted, results unchanged --------------------------------------------------
@@ -233,11 +239,15 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.offload_optimizer.super_offload", W, OFF, "treated as plain CPU offload"),  # perf
     Feature("zero_optimization.elastic_checkpoint", W, OFF, _ELASTIC_CKPT),  # DeepSpeed only warns too
     Feature("dump_state", W, OFF, "no DeepSpeed state dump; the engine logs its setup"),  # debugging aid
+    Feature("curriculum_learning", W, LEGACY_OFF, _CURRICULUM),  # data/legacy; successor: data_efficiency
     # --- not supported yet ---------------------------------------------------------------------------------
     Feature("amp.enabled", N, OFF, 'apex AMP; use the "bf16" or "fp16" block instead'),  # apex is not a dep
     Feature("torch_autocast.enabled", N, OFF, 'use the "bf16" or "fp16" block instead'),  # engine/precision.py
     Feature("elasticity.enabled", N, OFF, "set the batch keys for your data-parallel size"),  # elastic agent
-    Feature("data_efficiency", N, INACTIVE, "curriculum data sampling and random-LTD"),  # data pipeline
+    Feature("data_efficiency.data_sampling.dynamic_batching", N, INACTIVE,  # data/
+            "variable batch size and LR scaling (DeepSpeed's separate helper functions)"),
+    Feature("data_efficiency.data_routing.random_ltd.layer_token_lr_schedule", N, INACTIVE,  # data/random_ltd.py
+            "random-LTD's layer-token LR schedule; DeepSpeed 0.19 raises NotImplementedError for it too"),
     Feature("hybrid_engine.enabled", N, OFF, "DeepSpeed-Chat's hybrid engine"),  # RLHF engine
     Feature("compile", N, COMPILE_DEFAULTS, "DeepCompile; call torch.compile on the model yourself"),  # compiler
     Feature("nebula.enabled", N, OFF, "Azure Nebula; use checkpoint.async_save"),  # checkpoint service
@@ -268,7 +278,6 @@ FEATURES: tuple[Feature, ...] = (
     Feature("checkpoint.use_node_local_storage", N, OFF, "save to shared storage"),  # checkpoint/
     # --- removed by DeepSpeed 0.19.8 itself ---------------------------------------------------------------
     Feature("compression_training", R, INACTIVE, _COMPRESSION),  # XTC, ZeroQuant
-    Feature("curriculum_learning", R, INACTIVE, _CURRICULUM),  # successor: data_efficiency
     Feature("quantize_training", R, INACTIVE, "MoQ (Mixture-of-Quantization)"),  # MoQ
     Feature("eigenvalue", R, INACTIVE, "MoQ's eigenvalue schedule"),  # MoQ
     Feature("progressive_layer_drop", R, INACTIVE, "Progressive Layer Drop"),  # PLD

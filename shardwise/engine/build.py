@@ -24,7 +24,7 @@ from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
 from shardwise.config import ConfigError
 from shardwise.config.errors import show
-from shardwise.engine.dataloader import build_dataloader
+from shardwise.engine.dataloader import build_training_loader
 from shardwise.engine.engine import Engine, _log_build
 from shardwise.engine.lr_schedules import build_scheduler
 from shardwise.engine.optimizers import build_optimizer, is_zero_supported_optimizer
@@ -51,12 +51,13 @@ def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimize
     _cast_and_place(module, model_dtype(config))
     basic = _build_basic_optimizer(module, config, optimizer, model_parameters)
     strategy = _build_strategy(module, config, topology, basic, default_grad_accum_dtype) if basic is not None else None
+    if strategy is not None and hasattr(basic, "bind_partitions"):  # Muon: where its matrices' pieces lie
+        basic.bind_partitions(strategy)
     _broadcast_from_first_replica(module, strategy, topology)
     scheduler = _build_scheduler(config, lr_scheduler, basic)
     loader = None
     if training_data is not None:
-        loader = build_dataloader(training_data, config.train_micro_batch_size_per_gpu, topology.size("dp"),
-                                  topology.coord("dp"), collate_fn=collate_fn, drop_last=config.dataloader_drop_last)
+        loader = build_training_loader(training_data, config, topology.size("dp"), topology.coord("dp"), collate_fn)
     _configure_activation_checkpointing(config, topology)
     engine = engine_cls(module=module, config=config, topology=topology, strategy=strategy, scaler=make_scaler(config),
                     lr_scheduler=scheduler, training_dataloader=loader)
@@ -95,7 +96,8 @@ def _build_basic_optimizer(module: nn.Module, config: Any, optimizer: Any, model
         return None
     if optimizer is None:
         with _config_block("optimizer", config.optimizer):
-            return build_optimizer(config.optimizer.type, dict(config.optimizer.params), params, offload=offload)
+            return build_optimizer(config.optimizer.type, dict(config.optimizer.params), params, offload=offload,
+                                   named_parameters=module.named_parameters())
     if isinstance(optimizer, torch.optim.Optimizer):
         basic = optimizer
     elif callable(optimizer):

@@ -20,6 +20,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
+from shardwise.data.engine_api import DataEfficiencyMixin
 from shardwise.engine import model_parallel
 from shardwise.engine.guards import NonFiniteMonitor, check_unused_parameters
 from shardwise.engine.precision import cast_inputs_half
@@ -34,8 +35,9 @@ class EngineUsageError(RuntimeError, AssertionError):
     an AssertionError too, as DeepSpeed raises for these."""
 
 
-class Engine(nn.Module):
-    """A model wrapped for distributed training (``deepspeed.DeepSpeedEngine``)."""
+class Engine(DataEfficiencyMixin, nn.Module):
+    """A model wrapped for distributed training (``deepspeed.DeepSpeedEngine``); curriculum learning and random-LTD
+    methods come from ``shardwise.data.engine_api``."""
 
     def __init__(self, *, module: nn.Module, config: Any, topology: Topology, strategy: Any, scaler: Any,
                  lr_scheduler: Any = None, training_dataloader: Any = None) -> None:
@@ -61,6 +63,7 @@ class Engine(nn.Module):
         self.step_log = StepLog(config.steps_per_print, config.train_batch_size)
         self._observer = TrainingObserver(self)  # monitors, flops profiler, memory table (shardwise/monitor/)
         self.monitor = self._observer.monitor  # DeepSpeed's MonitorMaster: engine.monitor.write_events(...)
+        self._setup_data_efficiency()  # legacy curriculum and random-LTD schedulers (shardwise/data/)
 
     # -- DeepSpeed's accessors ------------------------------------------------------------------------------------
     @property
@@ -212,6 +215,7 @@ class Engine(nn.Module):
             self._step_started = time.perf_counter()
         if self._config.fp16.enabled and self._config.fp16.auto_cast:
             inputs = cast_inputs_half(inputs)  # positional inputs only, as DeepSpeed
+        kwargs = self._data_efficiency_kwargs(kwargs)  # legacy curriculum_seqlen, random-LTD schedule step
         with self.timers("forward"):
             if self.strategy is None or not hasattr(self.strategy, "forward_context"):
                 return self.module(*inputs, **kwargs)

@@ -11,6 +11,8 @@ semantics (``engine.py::_configure_basic_optimizer``):
 * with ZeRO-Offload (``offload=True``) Adam/AdamW build :class:`~shardwise.ops.adam.CPUAdam`;
 * ``Lamb``, ``Lion``, ``Adagrad``, ``SGD`` and DeepSpeed's ``MuAdam``/``MuAdamW``/``MuSGD`` (from
   the ``mup`` package) are built in; any other name is looked up in ``torch.optim``;
+* ``Muon`` builds :class:`~shardwise.ops.muon.MuonWithAuxAdam` with DeepSpeed's split (Muon for 2-D hidden
+  weights, AdamW for the rest; ``muon_lr`` / ``adam_lr`` override ``lr`` per side); it needs parameter names;
 * ``max_grad_norm`` inside ``params`` is rejected: clipping is the top-level ``gradient_clipping``.
 
 Torch optimizers are built with their fastest implementation (``fused=True``, else
@@ -32,7 +34,7 @@ from shardwise.ops.lamb import Lamb
 from shardwise.ops.lion import Lion
 
 # DeepSpeed's spelling of the names it builds itself (plus SGD, which it reaches via torch.optim).
-BUILTIN_NAMES = ("Adam", "AdamW", "Lamb", "Lion", "Adagrad", "SGD", "MuAdam", "MuAdamW", "MuSGD")
+BUILTIN_NAMES = ("Adam", "AdamW", "Lamb", "Lion", "Adagrad", "SGD", "MuAdam", "MuAdamW", "MuSGD", "Muon")
 REMOVED_NAMES = {"onebitadam": "OneBitAdam", "zerooneadam": "ZeroOneAdam", "onebitlamb": "OneBitLamb"}
 ADAM_EXTRA_KEYS = ("torch_adam", "adam_w_mode")
 
@@ -125,8 +127,21 @@ def _build_mup(key: str, params: dict, model_params: list) -> torch.optim.Optimi
     return cls(model_params, **params)
 
 
+def _build_muon(params: dict, model_params: list, named_parameters: Iterable | None) -> torch.optim.Optimizer:
+    from shardwise.ops.muon import MuonWithAuxAdam, split_params
+
+    if named_parameters is None:
+        raise ValueError("optimizer 'Muon' needs the model's parameter names to split Muon from AdamW parameters; "
+                         "build it through initialize() (or pass a MuonWithAuxAdam as the client optimizer)")
+    wanted = set()
+    for item in model_params:
+        wanted.update(id(p) for p in (item["params"] if isinstance(item, dict) else [item]))
+    named = [(n, p) for n, p in named_parameters if id(p) in wanted]
+    return MuonWithAuxAdam(split_params(named, params))
+
+
 def build_optimizer(opt_type: str, params_cfg: dict | None, model_params: Iterable, *,
-                    offload: bool = False) -> torch.optim.Optimizer:
+                    offload: bool = False, named_parameters: Iterable | None = None) -> torch.optim.Optimizer:
     """Build the optimizer a DeepSpeed config names.
 
     Args:
@@ -134,6 +149,7 @@ def build_optimizer(opt_type: str, params_cfg: dict | None, model_params: Iterab
         params_cfg: the config's ``optimizer.params`` (``lr``, ``betas``, ...); may be None.
         model_params: tensors or param-group dicts, as torch optimizers take.
         offload: ZeRO-Offload is on (optimizer state in CPU memory): Adam/AdamW become ``CPUAdam``.
+        named_parameters: ``(name, parameter)`` pairs of the model (``Muon`` splits its groups by name).
 
     Raises:
         ValueError: unknown or removed optimizer name, unknown parameter key, ``max_grad_norm``.
@@ -152,9 +168,10 @@ def build_optimizer(opt_type: str, params_cfg: dict | None, model_params: Iterab
     if key in ("muadam", "muadamw", "musgd"):
         return _build_mup(key, params, model_params)
     if key == "muon":
-        raise ValueError("optimizer 'Muon' is not supported by shardwise (DeepSpeed's version needs a use_muon "
-                         "attribute on every parameter); use \"AdamW\", or pass a torch.optim.Muon instance "
-                         "as the client optimizer")
+        if offload:
+            raise ValueError("optimizer 'Muon' with zero_optimization.offload_optimizer is not supported (as in "
+                             "DeepSpeed 0.19); remove offload_optimizer, or use \"AdamW\" with offload")
+        return _build_muon(params, model_params, named_parameters)
     ours = {"lamb": (Lamb, "Lamb"), "lion": (Lion, "Lion")}
     if key in ours:
         cls, display = ours[key]
@@ -188,12 +205,15 @@ _ELEMENTWISE = {
 
 
 def is_zero_supported_optimizer(opt: torch.optim.Optimizer) -> bool:
-    """True if ``opt``'s update is elementwise, hence correct on flat ZeRO partitions.
+    """True if ``opt``'s update is elementwise, hence correct on flat ZeRO partitions, or if it is
+    ``MuonWithAuxAdam``, which gathers whole matrices itself ([Note: Muon on flat partitions]).
 
     Matches the exact class (a subclass may change the update). See [Note: elementwise optimizers
     and ZeRO]; other optimizers need ``zero_allow_untested_optimizer: true``.
     """
-    return type(opt) in _ELEMENTWISE
+    from shardwise.ops.muon import MuonWithAuxAdam
+
+    return type(opt) in _ELEMENTWISE or type(opt) is MuonWithAuxAdam
 
 
 _DESCRIBED_KEYS = ("lr", "betas", "eps", "weight_decay", "momentum", "nesterov", "bias_correction",

@@ -1,10 +1,11 @@
 """Optimizer kernels under DeepSpeed's ``deepspeed.ops`` names.
 
 ``adam`` (``CPUAdam``/``DeepSpeedCPUAdam``, ``FusedAdam``, ``adam_step_flat``), ``lamb``
-(``FusedLamb``) and ``lion`` (``FusedLion``, ``DeepSpeedCPULion``). The CPU Adam C kernel is built
-on first use by :mod:`shardwise.ops.build`; importing this package compiles nothing.
+(``FusedLamb``), ``lion`` (``FusedLion``, ``DeepSpeedCPULion``) and ``muon`` (``MuonWithAuxAdam``).
+The CPU Adam C kernel is built on first use by :mod:`shardwise.ops.build`; importing this package
+compiles nothing.
 """
 
-from shardwise.ops import adam, lamb, lion
+from shardwise.ops import adam, lamb, lion, muon
 
-__all__ = ["adam", "lamb", "lion"]
+__all__ = ["adam", "lamb", "lion", "muon"]

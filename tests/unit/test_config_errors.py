@@ -181,7 +181,6 @@ def test_not_supported_yet_names_path_value_and_alternative(block, path, hint):
         ({"optimizer": {"type": "OnebitLamb", "params": {}}}, "optimizer.type"),
         ({"progressive_layer_drop": {"enabled": True, "theta": 0.5}}, "progressive_layer_drop"),
         ({"quantize_training": {"enabled": True}}, "quantize_training"),
-        ({"curriculum_learning": {"enabled": True}}, "curriculum_learning"),
         ({"compression_training": {"weight_quantization": {"shared_parameters": {"enabled": True}}}},
          "compression_training"),
     ],
@@ -197,8 +196,19 @@ def test_one_bit_refusal_suggests_adam():
 
 
 def test_inactive_removed_block_is_accepted_with_warning():
-    cfg = load_config({**BASE, "curriculum_learning": {"enabled": False, "min_difficulty": 8}}, log=False)
-    assert any(w.startswith("curriculum_learning: present but inactive") for w in cfg.warnings)
+    cfg = load_config({**BASE, "progressive_layer_drop": {"enabled": False, "theta": 0.5}}, log=False)
+    assert any(w.startswith("progressive_layer_drop: present but inactive") for w in cfg.warnings)
+
+
+def test_legacy_curriculum_block_runs_with_a_warning_and_is_checked():
+    block = {"enabled": True, "curriculum_type": "seqlen", "min_difficulty": 8, "max_difficulty": 64,
+             "schedule_type": "fixed_linear", "schedule_config": {"total_curriculum_step": 10, "difficulty_step": 8}}
+    cfg = load_config({**BASE, "curriculum_learning": block}, log=False)
+    assert cfg.curriculum_learning.enabled and any("DeepSpeed 0.19.8 removed this legacy block" in w
+                                                   for w in cfg.warnings)
+    err = _error({**BASE, "curriculum_learning": {**block, "schedule_config": {"difficulty_step": 8}}})
+    assert err.path == "curriculum_learning.schedule_config.total_curriculum_step" and "Fix:" in str(err)
+    assert load_config({**BASE, "curriculum_learning": {"enabled": False}}, log=False).warnings == ()
 
 
 def test_fp16_and_bf16_both_enabled():

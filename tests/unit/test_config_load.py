@@ -240,11 +240,11 @@ def test_to_dict_is_json_and_round_trips():
 
 
 def test_every_field_has_a_description():
-    from shardwise.config import schema, schema_monitor, schema_precision, schema_training, schema_zero
+    from shardwise.config import schema, schema_data, schema_monitor, schema_precision, schema_training, schema_zero
     from shardwise.config.schema_base import Section
 
     missing = []
-    for module in (schema, schema_monitor, schema_precision, schema_training, schema_zero):
+    for module in (schema, schema_data, schema_monitor, schema_precision, schema_training, schema_zero):
         for obj in vars(module).values():
             if isinstance(obj, type) and issubclass(obj, Section) and obj is not Section:
                 missing += [f"{obj.__name__}.{n}" for n, f in obj.model_fields.items() if not f.description]

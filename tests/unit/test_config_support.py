@@ -21,19 +21,24 @@ def test_initial_implementation_state():
                  "zero_optimization.zero_hpz_partition_size", "zero_optimization.zero_quantized_weights",
                  "zero_optimization.zero_quantized_gradients", "communication_data_type"):
         assert (path, Status.SUPPORTED) in status, path
-    for path in ("amp.enabled", "torch_autocast.enabled", "elasticity.enabled", "data_efficiency",
+    for path in ("amp.enabled", "torch_autocast.enabled", "elasticity.enabled",
+                 "data_efficiency.data_sampling.dynamic_batching",
                  "hybrid_engine.enabled", "sparse_gradients", "compile", "nebula.enabled",
                  "zero_optimization.mics_shard_size", "zero_optimization.zenflow", "tensor_parallel.autotp_size"):
         assert (path, Status.NOT_YET) in status, path
-    for path in ("compression_training", "curriculum_learning", "quantize_training", "progressive_layer_drop",
+    for path in ("compression_training", "quantize_training", "progressive_layer_drop",
                  "sparse_attention", "optimizer.type"):
         assert (path, Status.REMOVED) in status, path
     assert ("autotuning.enabled", Status.WARN) in status
+    assert ("curriculum_learning", Status.WARN) in status  # legacy block: runs as in DeepSpeed 0.19.6
+    for path in ("data_efficiency.data_sampling.curriculum_learning", "data_efficiency.data_routing.random_ltd"):
+        assert (path, Status.SUPPORTED) in status, path
 
 
 @pytest.mark.parametrize("block", [
     {"amp": {"enabled": False}}, {"elasticity": {"enabled": False}},
-    {"hybrid_engine": {"enabled": False}}, {"data_efficiency": {"enabled": False, "seed": 1}},
+    {"hybrid_engine": {"enabled": False}},
+    {"data_efficiency": {"data_sampling": {"dynamic_batching": {"enabled": False}}}},
     {"sparse_attention": {}}, {"progressive_layer_drop": {"enabled": False}},
 ])
 def test_inert_unsupported_block_is_accepted_with_a_warning(block):

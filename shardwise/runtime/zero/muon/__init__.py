@@ -1,0 +1,1 @@
+"""``deepspeed.runtime.zero.muon``: the Muon optimizer (``shardwise.ops.muon``)."""
