@@ -120,6 +120,15 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
+def tie_declared_weights(model: nn.Module) -> None:
+    """Tie what a Hugging Face model's config ties (the LM head to the embedding), as its constructor does for a
+    real model: transformers 5.0 builds a meta model with the two untied, and a checkpoint saved tied holds only
+    the embedding. Call before planning (``tied_groups`` reads the ties)."""
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie) and getattr(model, "config", None) is not None:
+        tie()
+
+
 def _module_path(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None

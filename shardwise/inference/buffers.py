@@ -29,7 +29,8 @@ from shardwise.inference import loader
 @contextmanager
 def parameters_on_meta() -> Iterator[None]:
     """Inside, every parameter a module registers is moved to ``meta`` at once; buffers and other tensors stay
-    where they were computed. (Parameters are allocated, never written, before the move: no memory is touched.)"""
+    where they were computed. (Parameters are allocated, never written, before the move: no memory is touched.)
+    It patches ``nn.Module.register_parameter`` for the process while inside: build nothing else meanwhile."""
     register = nn.Module.register_parameter
 
     def register_on_meta(module: nn.Module, name: str, param: nn.Parameter | None) -> None:

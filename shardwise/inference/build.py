@@ -148,6 +148,7 @@ def build_inference(model: Any, cfg: DeepSpeedInferenceConfig) -> Built:
     tp = cfg.tensor_parallel.tp_size
     if not isinstance(model, nn.Module):
         model = _model_from_config(model, cfg)
+    autotp.tie_declared_weights(model)
     plan = autotp.plan_tensor_parallel(model, tp, injection_policy=cfg.injection_policy,
                                        vocab_parallel=cfg.tensor_parallel.vocab_parallel)
     device, dtype = _device(cfg, acc), cfg.dtype

@@ -13,13 +13,15 @@ from torch import nn
 
 from shardwise.inference import architectures as A
 from shardwise.inference import layouts as L
-from shardwise.inference.autotp import AutoTPError, plan_tensor_parallel, tied_groups
+from shardwise.inference.autotp import AutoTPError, plan_tensor_parallel, tie_declared_weights, tied_groups
 from tests.inference_models import ARCHS, tiny_config
 
 
 def meta_model(config) -> nn.Module:
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    tie_declared_weights(model)  # as init_inference does (5.0 leaves a meta model untied)
+    return model
 
 
 # -- layouts ------------------------------------------------------------------------------------------------------
