@@ -80,6 +80,16 @@ def save(model: torch.nn.Module, path: Path) -> Path:
     return path
 
 
+def from_pretrained(path: Path | str, dtype: torch.dtype) -> torch.nn.Module:
+    """``AutoModelForCausalLM.from_pretrained(path, dtype=dtype)``, in eval mode. transformers renamed the keyword
+    ``torch_dtype`` to ``dtype`` in 4.56 (the old name warns since): the tests run on both sides of the rename."""
+    import transformers
+    from packaging.version import Version
+
+    key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
+    return transformers.AutoModelForCausalLM.from_pretrained(path, **{key: dtype}).eval()
+
+
 def reference(model: torch.nn.Module, ids: torch.Tensor, new_tokens: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """(logits, greedy generation) of the single-process model."""
     with torch.no_grad():

@@ -18,8 +18,15 @@ Fused layouts (output dimension of the QKV projection):
                                                                       replicated on every rank
 ==================  ===============================================  ======================================
 
-Written against transformers 5.x module layouts; ``autotp`` checks every projection's shape against the layout
-before use, so a changed layout is an error, never a silent wrong split.
+Tested against the oldest and the newest transformers the project supports (see the README's test section). The
+attention modules of those releases keep their head counts in different attributes (transformers 4.45's
+``LlamaSdpaAttention`` reshapes with ``num_heads`` and ``num_key_value_heads``; 5.x's ``LlamaAttention`` only
+keeps ``num_key_value_groups``; 5.x's ``FalconAttention`` added ``num_key_value_groups``, which multi-query
+attention uses to repeat its one key/value head). So ``head_attrs`` lists every head-count or attention-width
+attribute an architecture has had, and ``autotp`` divides those the installed module has. ``GUARDED_ATTRS`` names
+the attributes that always count heads or widths wherever they appear: an attention module holding one that its
+rule does not list is refused (a new transformers layout is an error, never a silent wrong split), and every
+projection's shape is checked against its layout before use.
 """
 
 from __future__ import annotations
@@ -76,7 +83,8 @@ class ArchRule:
     attention: str  # path of the attention module inside a block
     projections: tuple[Proj, ...]
     heads: Callable[[Any], HeadInfo]
-    #: attention attribute -> what it holds: "heads" | "kv_heads" | "q_width" | "kv_groups" (divided per rank)
+    #: attention attribute -> what it holds: "heads" | "kv_heads" | "q_width" | "kv_groups" (divided per rank).
+    #: Every such attribute of any supported transformers release; those the installed module has are divided.
     head_attrs: Mapping[str, str] = field(default_factory=dict)
     #: block-relative module path -> attributes to set after splitting (e.g. BLOOM's pretraining_tp = 1)
     fixups: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -84,6 +92,13 @@ class ArchRule:
     alibi: Callable[[Any], bool] = lambda config: False
     #: the projection layout of a fused QKV may depend on the config (Falcon)
     qkv_layout: Callable[[Any], str] | None = None
+
+
+#: attribute names that count heads or hold an attention width in every architecture that has them: an attention
+#: module with one of these that its rule's ``head_attrs`` does not list is refused (its meaning is unknown)
+GUARDED_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
+                 "n_kv_heads", "num_key_value_groups", "split_size", "all_head_size", "inner_dim", "embed_dim",
+                 "hidden_size")
 
 
 def layout_for(proj: Proj, info: HeadInfo, features: int, tp: int, qkv_layout: str | None = None) -> L.ShardLayout:
@@ -166,7 +181,10 @@ _LLAMA = ArchRule(
     projections=(Proj("self_attn.q_proj", "column", "heads"), Proj("self_attn.k_proj", "column", "kv"),
                  Proj("self_attn.v_proj", "column", "kv"), Proj("self_attn.o_proj", "row", "heads"),
                  *_mlp("mlp.up_proj", "mlp.down_proj", "mlp.gate_proj")),
-    heads=_llama_heads, head_attrs={"num_key_value_groups": "kv_groups"},
+    heads=_llama_heads,
+    # 4.45 reshapes with num_heads / num_key_value_heads (Qwen2 with hidden_size); 5.x keeps only the groups
+    head_attrs={"num_heads": "heads", "num_key_value_heads": "kv_heads", "num_key_value_groups": "kv_groups",
+                "hidden_size": "q_width"},
 )
 
 RULES: dict[str, ArchRule] = {
@@ -177,14 +195,14 @@ RULES: dict[str, ArchRule] = {
         blocks="transformer.h", attention="attn",
         projections=(Proj("attn.c_attn", "column", "qkv_parts"), Proj("attn.c_proj", "row", "heads"),
                      *_mlp("mlp.c_fc", "mlp.c_proj")),
-        heads=_gpt2_heads, head_attrs={"num_heads": "heads", "split_size": "q_width"},
+        heads=_gpt2_heads, head_attrs={"num_heads": "heads", "split_size": "q_width", "embed_dim": "q_width"},
     ),
     "bloom": ArchRule(
         blocks="transformer.h", attention="self_attention",
         projections=(Proj("self_attention.query_key_value", "column", "qkv_per_head"),
                      Proj("self_attention.dense", "row", "heads"),
                      *_mlp("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
-        heads=_bloom_heads, head_attrs={"num_heads": "heads"},
+        heads=_bloom_heads, head_attrs={"num_heads": "heads", "hidden_size": "q_width", "split_size": "q_width"},
         # pretraining_tp > 1 with slow_but_exact multiplies slices of dense.weight directly, bypassing the layer
         fixups={"self_attention": {"pretraining_tp": 1}, "mlp": {"pretraining_tp": 1}},
         alibi=lambda c: True,
@@ -194,14 +212,18 @@ RULES: dict[str, ArchRule] = {
         projections=(Proj("self_attn.q_proj", "column", "heads"), Proj("self_attn.k_proj", "column", "heads"),
                      Proj("self_attn.v_proj", "column", "heads"), Proj("self_attn.out_proj", "row", "heads"),
                      *_mlp("fc1", "fc2")),
-        heads=_plain_heads, head_attrs={"num_heads": "heads"},
+        heads=_plain_heads, head_attrs={"num_heads": "heads", "embed_dim": "q_width"},
     ),
     "falcon": ArchRule(
         blocks="transformer.h", attention="self_attention",
         projections=(Proj("self_attention.query_key_value", "column", "qkv"),
                      Proj("self_attention.dense", "row", "heads"),
                      *_mlp("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
-        heads=_falcon_heads, head_attrs={"num_heads": "heads", "num_kv_heads": "kv_heads"},
+        heads=_falcon_heads,
+        # 5.x repeats the key/value heads num_key_value_groups times (one shared head with multi_query): it must
+        # be the local query heads per local key/value head, or the repeated keys outnumber the queries
+        head_attrs={"num_heads": "heads", "num_kv_heads": "kv_heads", "num_key_value_groups": "kv_groups",
+                    "hidden_size": "q_width", "split_size": "q_width"},
         alibi=lambda c: bool(getattr(c, "alibi", False)), qkv_layout=_falcon_qkv,
     ),
     "gpt_neox": ArchRule(
@@ -209,7 +231,7 @@ RULES: dict[str, ArchRule] = {
         projections=(Proj("attention.query_key_value", "column", "qkv_per_head"),
                      Proj("attention.dense", "row", "heads"),
                      *_mlp("mlp.dense_h_to_4h", "mlp.dense_4h_to_h")),
-        heads=_plain_heads,
+        heads=_plain_heads, head_attrs={"num_attention_heads": "heads", "hidden_size": "q_width"},
     ),
     "gptj": ArchRule(
         blocks="transformer.h", attention="attn",
@@ -217,7 +239,7 @@ RULES: dict[str, ArchRule] = {
                      Proj("attn.v_proj", "column", "heads"), Proj("attn.out_proj", "row", "heads"),
                      *_mlp("mlp.fc_in", "mlp.fc_out")),
         heads=lambda c: HeadInfo(c.n_head, c.n_head, c.n_embd // c.n_head),
-        head_attrs={"num_attention_heads": "heads"},
+        head_attrs={"num_attention_heads": "heads", "embed_dim": "q_width"},
     ),
 }
 

@@ -120,6 +120,15 @@ def tied_groups(model: nn.Module) -> list[list[str]]:
     return [names for names in by_id.values() if len(names) > 1]
 
 
+def tie_declared_weights(model: nn.Module) -> None:
+    """Tie what a Hugging Face model's config ties (the LM head to the embedding), as its constructor does for a
+    real model: transformers 5.0 builds a meta model with the two untied, and a checkpoint saved tied holds only
+    the embedding. Call before planning (``tied_groups`` reads the ties)."""
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie) and getattr(model, "config", None) is not None:
+        tie()
+
+
 def _module_path(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
@@ -171,18 +180,28 @@ def _plan_rule(model: nn.Module, plan: TPPlan, rule: A.ArchRule, config: Any) ->
         prefix = f"{rule.blocks}.{i}"
         for proj in rule.projections:
             plan.projections.append(_plan_proj(plan, block, prefix, proj, info, qkv))
-        attention = block.get_submodule(rule.attention)
-        for attr, kind in rule.head_attrs.items():
-            if not hasattr(attention, attr):
-                raise AutoTPError(f"{plan.model_name}: {prefix}.{rule.attention} has no attribute {attr!r} to "
-                                  "divide by the degree; this transformers version is not supported by auto-TP: "
-                                  "pass an injection_policy")
-            plan.attrs.append((f"{prefix}.{rule.attention}", attr, A.attr_value(kind, info, tp)))
+        _plan_head_attrs(plan, block.get_submodule(rule.attention), f"{prefix}.{rule.attention}", rule, config)
         for rel, values in rule.fixups.items():
             sub = block.get_submodule(rel) if rel else block
             plan.attrs += [(f"{prefix}.{rel}", a, v) for a, v in values.items() if hasattr(sub, a)]
         if rule.alibi(config):
             plan.head_hooks.append((f"{prefix}.{rule.attention}", info.num_heads))
+
+
+def _plan_head_attrs(plan: TPPlan, attention: nn.Module, path: str, rule: A.ArchRule, config: Any) -> None:
+    """Divide the head counts and widths the attention module holds (which ones depends on the transformers
+    release: ``rule.head_attrs`` lists all of them); refuse a module holding a head attribute the rule does not know
+    (``A.GUARDED_ATTRS``), since leaving it whole would reshape the local activations wrongly."""
+    held = {a: v for a, v in vars(attention).items() if isinstance(v, int) and not isinstance(v, bool)}
+    unknown = sorted(a for a in A.GUARDED_ATTRS if a in held and a not in rule.head_attrs)
+    if unknown:
+        raise AutoTPError(f"{plan.model_name}: {path} holds {', '.join(f'{a}={held[a]}' for a in unknown)}, which "
+                          f"the auto-TP rule for model_type {config.model_type!r} does not know how to divide; this "
+                          "transformers release is not supported by auto-TP. Fix: pass an injection_policy, or "
+                          "install a transformers release in the range the README lists")
+    # none held is fine: such a module (GPT-NeoX in 5.x) reshapes with -1 and its head size
+    plan.attrs += [(path, a, A.attr_value(kind, plan.info, plan.tp)) for a, kind in rule.head_attrs.items()
+                   if a in held]
 
 
 def _plan_proj(plan: TPPlan, block: nn.Module, prefix: str, proj: A.Proj, info: A.HeadInfo,

@@ -6,8 +6,8 @@
 4. plan the split (every divisibility / architecture error is raised here, before any weight is read);
 5. swap the projections for meta tensor-parallel layers;
 6. load this rank's slices from the checkpoint (or from the model's own weights) straight to the device, in the
-   inference dtype; re-tie tied weights; compute non-persistent buffers a meta model lacks (rotary tables,
-   kept in their own dtype as ``from_pretrained(dtype=...)`` keeps them);
+   inference dtype; re-tie tied weights; compute the tensors no checkpoint holds (non-persistent buffers such as
+   rotary tables, kept in their own dtype as ``from_pretrained(dtype=...)`` keeps them: ``buffers.py``);
 7. make sampling agree across ranks (rank 0's RNG state everywhere, as DeepSpeed does).
 """
 
@@ -27,6 +27,7 @@ from shardwise.accelerator import get_accelerator
 from shardwise.comm.group import Group, as_group
 from shardwise.comm.init import oversubscription_hint
 from shardwise.inference import autotp, loader
+from shardwise.inference.buffers import finalize_buffers
 from shardwise.inference.collectives import make_collectives
 from shardwise.inference.config import DeepSpeedInferenceConfig
 from shardwise.utils.logging import human_bytes, log_dist
@@ -101,38 +102,10 @@ def _model_from_config(model: Any, cfg: DeepSpeedInferenceConfig) -> nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
-def _finalize_buffers(model: nn.Module, device: torch.device) -> None:
-    """Non-persistent buffers (rotary tables) are not in checkpoints: a meta-built model computes them (Hugging
-    Face's own ``_init_weights``); every such buffer then moves to ``device`` in its own dtype, as
-    ``from_pretrained(dtype=...)`` leaves them (fp32 rotary frequencies are more accurate than 16-bit ones)."""
-    owners: dict[int, nn.Module] = {}
-    for _, owner, name, is_buffer in list(loader.iter_meta(model)):
-        if is_buffer:
-            owner._buffers[name] = torch.empty_like(owner._buffers[name], device=device)
-            owners[id(owner)] = owner
-    init = getattr(model, "_init_weights", None)
-    for owner in owners.values():
-        if init is None:
-            raise loader.CheckpointError(f"buffers of {type(owner).__name__} are on the meta device and are not "
-                                         "in the checkpoint; build the model with real buffers (only parameters "
-                                         "on meta) or pass the model with its buffers materialised")
-        with torch.no_grad():
-            init(owner)
-    left = [name for name, *_ in loader.iter_meta(model)]
-    if left:
-        raise loader.CheckpointError(f"{len(left)} tensors are still on the meta device after loading, e.g. "
-                                     f"{left[:5]}; the checkpoint does not cover this model")
-    for module in model.modules():
-        for name in module._non_persistent_buffers_set:
-            buf = module._buffers.get(name)
-            if buf is not None:
-                module._buffers[name] = buf.to(device)
-
-
 def _cast_in_place(model: nn.Module, dtype: torch.dtype, device: torch.device) -> None:
     """tp=1 without a checkpoint: DeepSpeed's ``module.half()`` / ``.to(device)`` for parameters and persistent
     buffers, no copy when already there. A tensor shared by several modules (a tied LM head) is converted once and
-    stays shared. Non-persistent buffers only move (``_finalize_buffers``)."""
+    stays shared. Non-persistent buffers only move (``buffers.finalize_buffers``)."""
     done: dict[int, torch.Tensor] = {}
     for module in model.modules():
         tables = [(module._parameters, ()), (module._buffers, module._non_persistent_buffers_set)]
@@ -175,6 +148,7 @@ def build_inference(model: Any, cfg: DeepSpeedInferenceConfig) -> Built:
     tp = cfg.tensor_parallel.tp_size
     if not isinstance(model, nn.Module):
         model = _model_from_config(model, cfg)
+    autotp.tie_declared_weights(model)
     plan = autotp.plan_tensor_parallel(model, tp, injection_policy=cfg.injection_policy,
                                        vocab_parallel=cfg.tensor_parallel.vocab_parallel)
     device, dtype = _device(cfg, acc), cfg.dtype
@@ -192,7 +166,7 @@ def build_inference(model: Any, cfg: DeepSpeedInferenceConfig) -> Built:
             stats = loader.load_in_memory(targets, dtype, device)
         del split, targets
         autotp.retie(model, plan.tied)
-    _finalize_buffers(model, device)
+    finalize_buffers(model, device)
     model.eval()
     _sync_rng(acc, tp)
     _log(plan, stats, cfg, device)

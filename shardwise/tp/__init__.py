@@ -29,6 +29,7 @@ from shardwise.tp.mpu import ModelParallelUnit, MpuLayoutError, topology_from_mp
 from shardwise.tp.partition import DimSplit, SplitError, partition_sizes
 from shardwise.tp.plans import (
     ColwiseParallel,
+    LocalHeads,
     PlanError,
     RowwiseParallel,
     SequenceParallel,
@@ -44,9 +45,9 @@ from shardwise.tp.random import (
 from shardwise.tp.state import full_state_dict, load_full_state_dict
 
 __all__ = [
-    "PARALLEL_LAYERS", "ColumnParallelLinear", "ColwiseParallel", "DimSplit", "ModelParallelUnit", "MpuLayoutError",
-    "PlanError", "RNGStatesTracker", "RowParallelLinear", "RowwiseParallel", "SequenceParallel", "SplitError",
-    "VocabParallel", "VocabParallelEmbedding", "apply_plan", "copy_to_tensor_model_parallel_region",
+    "PARALLEL_LAYERS", "ColumnParallelLinear", "ColwiseParallel", "DimSplit", "LocalHeads", "ModelParallelUnit",
+    "MpuLayoutError", "PlanError", "RNGStatesTracker", "RowParallelLinear", "RowwiseParallel", "SequenceParallel",
+    "SplitError", "VocabParallel", "VocabParallelEmbedding", "apply_plan", "copy_to_tensor_model_parallel_region",
     "full_state_dict", "gather_from_sequence_parallel_region", "gather_from_tensor_model_parallel_region",
     "get_cuda_rng_tracker", "load_full_state_dict", "mark_tensor_parallel", "model_parallel_cuda_manual_seed",
     "partition_sizes", "plan_for", "reduce_from_tensor_model_parallel_region",

@@ -14,6 +14,8 @@ Styles (or their string names):
 ``VocabParallel()`` / "vocab"          ``nn.Embedding`` -> ``VocabParallelEmbedding``
 ``SequenceParallel()`` / "sequence_parallel"  mark the module's weights ``sequence_parallel`` (norms that run
                                        on sequence shards: their gradients are summed over the tensor group)
+``LocalHeads(attrs)``                   keep the module, divide its integer attributes ``attrs`` (head
+                                       counts, attention widths) by the degree; those it lacks are skipped
 ``None`` / "replicate"                 leave the module as it is (overrides a later, broader pattern)
 =====================================  =================================================================
 
@@ -96,7 +98,31 @@ class SequenceParallel:
         return module
 
 
-Style = ColwiseParallel | RowwiseParallel | VocabParallel | SequenceParallel
+@dataclass(frozen=True)
+class LocalHeads:
+    """Keep the module, divide the named integer attributes it holds by the tensor-parallel degree.
+
+    For attention modules that reshape with their head count (transformers 4.x's ``LlamaAttention.num_heads``):
+    after q/k/v are split each rank holds ``heads / degree`` heads. Names the module lacks are skipped, so one plan
+    serves releases that keep different attributes (5.x's LLaMA reshapes with ``-1`` and keeps none of them).
+    """
+
+    attrs: tuple[str, ...]
+
+    def apply(self, module: nn.Module, group: Any) -> nn.Module:
+        """The same module, its attributes divided."""
+        for name in self.attrs:
+            value = vars(module).get(name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                continue
+            if value % group.size:
+                raise PlanError(f"{type(module).__name__}.{name}={value} does not divide over {group.size} tensor "
+                                "ranks; pick a degree that divides it")
+            setattr(module, name, value // group.size)
+        return module
+
+
+Style = ColwiseParallel | RowwiseParallel | VocabParallel | SequenceParallel | LocalHeads
 STYLE_NAMES: dict[str, Style | None] = {
     "colwise": ColwiseParallel(),
     "colwise_gather": ColwiseParallel(gather_output=True),
@@ -186,6 +212,8 @@ def hf_llama_plan(config: Any, *, gather_logits: bool = True) -> dict[str, Style
         "model.layers.*.self_attn.k_proj": ColwiseParallel(grain=head_dim),
         "model.layers.*.self_attn.v_proj": ColwiseParallel(grain=head_dim),
         "model.layers.*.self_attn.o_proj": RowwiseParallel(grain=head_dim),
+        # transformers 4.x reshapes with these (5.x with -1): each rank holds its share of the heads
+        "model.layers.*.self_attn": LocalHeads(("num_heads", "num_key_value_heads", "hidden_size")),
         "model.layers.*.mlp.gate_proj": ColwiseParallel(),
         "model.layers.*.mlp.up_proj": ColwiseParallel(),
         "model.layers.*.mlp.down_proj": RowwiseParallel(),

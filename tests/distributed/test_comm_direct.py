@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import time
 from datetime import timedelta
 
 import pytest
@@ -104,8 +103,11 @@ def _gather_timeout() -> str:
     if dist.get_rank() == 0:
         with pytest.raises(comm.CollectiveError) as info:
             comm.all_gather_into_tensor(torch.empty(2, 4), torch.ones(4), group=slow)
+        dist.barrier()
         return str(info.value)
-    time.sleep(2.5)  # rank 1 never joins
+    # rank 1 never joins the slow group's collective; it stays alive (so rank 0 sees a timeout, not a closed
+    # peer) until rank 0 is done, which the default group's barrier tells it: no sleep, whatever the machine's load
+    dist.barrier()
     return ""
 
 

@@ -4,7 +4,6 @@ the step log, idempotent init_distributed, and collective timeouts that name the
 from __future__ import annotations
 
 import logging
-import time
 from datetime import timedelta
 
 import pytest
@@ -125,8 +124,11 @@ def _timeout() -> str:
     if dist.get_rank() == 0:
         with pytest.raises(comm.CollectiveError) as info:
             comm.all_reduce(torch.ones(4), group=group)
+        dist.barrier()
         return str(info.value)
-    time.sleep(2.5)  # rank 1 never joins: rank 0 must time out (a bounded wait, longer than the 1 s timeout)
+    # rank 1 never joins the slow group's collective; it stays alive (so rank 0 sees a timeout, not a closed
+    # peer) until rank 0 is done, which the default group's barrier tells it: no sleep, whatever the machine's load
+    dist.barrier()
     return ""
 
 

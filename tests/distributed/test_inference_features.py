@@ -18,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from tests.dist import run_ranks
-from tests.inference_models import prompts, reference, rel_err, save, tiny_config, tiny_model
+from tests.inference_models import from_pretrained, prompts, reference, rel_err, save, tiny_config, tiny_model
 
 BF16_TOL = 2e-2
 
@@ -167,9 +167,7 @@ def test_bf16_within_stated_tolerance(tmp_path, name):
     path = save(model, tmp_path)
     ids = prompts()
     ref32, _ = reference(model, ids, 1)
-    from transformers import AutoModelForCausalLM
-
-    ref16, _ = reference(AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16), ids, 1)
+    ref16, _ = reference(from_pretrained(path, torch.bfloat16), ids, 1)
     for logits in run_ranks(_bf16, str(path), ids, world_size=2, timeout=120):
         assert rel_err(logits, ref16) <= BF16_TOL
         assert rel_err(logits, ref32) <= 1.25 * rel_err(ref16, ref32) + 1e-3

@@ -110,14 +110,13 @@ def test_two_nodes_on_loopback_from_dry_run(run_cli, tmp_path, free_port, parse_
 def test_failing_rank_stops_the_job_and_is_named(run_cli, tmp_path, free_port, assert_no_survivors):
     pids = tmp_path / "pids"
     pids.mkdir()
-    start = time.monotonic()
+    # hold.py's other rank sleeps 120 s: that it was stopped (SIGTERM) when rank 1 failed is checked below, by
+    # its end signal, not by a clock; the timeout only guards against a hang
     proc = run_cli(
         "--num_gpus", "2", "--master_port", str(free_port()), str(SCRIPTS / "hold.py"),
-        "--pid_dir", str(pids), "--fail_rank", "1", timeout=30,
+        "--pid_dir", str(pids), "--fail_rank", "1", timeout=90,
     )  # fmt: skip
-    elapsed = time.monotonic() - start
     assert proc.returncode == 1, proc.stderr
-    assert elapsed < 30
     summary = [line for line in proc.stderr.splitlines() if "ERROR: rank" in line]
     assert summary and "rank 1 (local rank 1 on node 0" in summary[0] and "exit code 1" in summary[0], proc.stderr
     tail = proc.stderr.split(summary[0], 1)[1]
@@ -137,7 +136,7 @@ def test_sigint_stops_every_rank(launch_env, tmp_path, free_port, assert_no_surv
     lines: queue.Queue[str] = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
     ready = set()
-    deadline = time.monotonic() + 30
+    deadline = time.monotonic() + 120  # a hang guard only: two ranks importing torch on a busy machine
     while len(ready) < 2:
         line = lines.get(timeout=max(deadline - time.monotonic(), 0.1))
         if line.startswith("READY"):

@@ -18,7 +18,9 @@ def _meta(name: str) -> nn.Module:
     import transformers
 
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(tiny_config(name))
+        model = transformers.AutoModelForCausalLM.from_config(tiny_config(name))
+    autotp.tie_declared_weights(model)  # as init_inference does (5.0 leaves a meta model untied)
+    return model
 
 
 def _load_tp1(model: nn.Module, files, window: int = loader.MAP_WINDOW_BYTES) -> loader.LoadStats:

@@ -13,13 +13,15 @@ from torch import nn
 
 from shardwise.inference import architectures as A
 from shardwise.inference import layouts as L
-from shardwise.inference.autotp import AutoTPError, plan_tensor_parallel, tied_groups
+from shardwise.inference.autotp import AutoTPError, plan_tensor_parallel, tie_declared_weights, tied_groups
 from tests.inference_models import ARCHS, tiny_config
 
 
 def meta_model(config) -> nn.Module:
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(config)
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    tie_declared_weights(model)  # as init_inference does (5.0 leaves a meta model untied)
+    return model
 
 
 # -- layouts ------------------------------------------------------------------------------------------------------
@@ -57,13 +59,28 @@ def test_valid_degrees():
 
 
 # -- plans per architecture ---------------------------------------------------------------------------------------
-EXPECTED_LOCAL = {  # name -> attention attributes after tp=2
-    "gpt2": {"num_heads": 2, "split_size": 32}, "bloom": {"num_heads": 2}, "opt": {"num_heads": 2},
-    "falcon": {"num_heads": 2, "num_kv_heads": 1}, "falcon_grouped": {"num_heads": 2, "num_kv_heads": 1},
-    "falcon_alibi": {"num_heads": 2, "num_kv_heads": 2}, "gptj": {"num_attention_heads": 2},
-    "llama": {"num_key_value_groups": 2}, "mistral": {"num_key_value_groups": 2},
-    "qwen2": {"num_key_value_groups": 1}, "gpt_neox": {},
+#: name -> every head attribute any supported transformers release gives the attention module, and its value after
+#: tp=2 (a release holds a subset: 4.45's LLaMA reshapes with num_heads, 5.x's with -1 and num_key_value_groups)
+EXPECTED_LOCAL = {
+    "gpt2": {"num_heads": 2, "split_size": 32, "embed_dim": 32},
+    "bloom": {"num_heads": 2, "hidden_size": 32, "split_size": 32, "pretraining_tp": 1},  # + its fix-up
+    "opt": {"num_heads": 2, "embed_dim": 32},
+    # multi-query: one key/value head on every rank, so each rank repeats it for its 2 query heads (not 4)
+    "falcon": {"num_heads": 2, "num_kv_heads": 1, "num_key_value_groups": 2, "hidden_size": 32, "split_size": 32},
+    "falcon_grouped": {"num_heads": 2, "num_kv_heads": 1, "num_key_value_groups": 2, "hidden_size": 32,
+                       "split_size": 32},
+    "falcon_alibi": {"num_heads": 2, "num_kv_heads": 2, "num_key_value_groups": 1, "hidden_size": 32,
+                     "split_size": 32},
+    "gptj": {"num_attention_heads": 2, "embed_dim": 32},
+    "llama": {"num_heads": 2, "num_key_value_heads": 1, "num_key_value_groups": 2, "hidden_size": 32},
+    "mistral": {"num_heads": 2, "num_key_value_heads": 1, "num_key_value_groups": 2, "hidden_size": 32},
+    "qwen2": {"num_heads": 2, "num_key_value_heads": 2, "num_key_value_groups": 1, "hidden_size": 32},
+    "gpt_neox": {"num_attention_heads": 2, "hidden_size": 32},
 }
+
+
+def _held_ints(module: nn.Module) -> dict[str, int]:
+    return {k: v for k, v in vars(module).items() if isinstance(v, int) and not isinstance(v, bool)}
 
 
 @pytest.mark.parametrize("name", sorted(ARCHS))
@@ -71,15 +88,38 @@ def test_plan_for_every_architecture(name):
     model = meta_model(tiny_config(name))
     plan = plan_tensor_parallel(model, 2)
     layers = 2
-    per_block = len(A.rule_for(model.config).projections)
+    rule = A.rule_for(model.config)
+    per_block = len(rule.projections)
     assert len(plan.projections) == per_block * layers
     rows = [p for p in plan.projections if p.style == "row"]
     assert len(rows) == 2 * layers and all(p.layout.split is not None for p in rows)
-    attrs = {a: v for path, a, v in plan.attrs if path.endswith(".0." + A.rule_for(model.config).attention)}
-    assert {k: attrs[k] for k in EXPECTED_LOCAL[name]} == EXPECTED_LOCAL[name]
+    attention = model.get_submodule(f"{rule.blocks}.0.{rule.attention}")
+    held = _held_ints(attention)
+    attrs = {a: v for path, a, v in plan.attrs if path.endswith(".0." + rule.attention)}
+    # every head attribute the installed release holds is divided, to the value its kind gives
+    assert attrs == {k: v for k, v in EXPECTED_LOCAL[name].items() if k in held}
+    assert not [a for a in A.GUARDED_ATTRS if a in held and a not in attrs]
     assert plan.vocab == []  # tiny vocabulary: replicated under "auto"
     assert bool(plan.head_hooks) == (name in ("bloom", "falcon_alibi"))
     assert "tp=2" in plan.summary()
+
+
+def test_falcon_multi_query_at_tp4_repeats_the_shared_head_once_per_local_query_head():
+    model = meta_model(tiny_config("falcon"))
+    plan = plan_tensor_parallel(model, 4)
+    attrs = {a: v for path, a, v in plan.attrs if path == "transformer.h.0.self_attention"}
+    assert attrs["num_heads"] == 1 and attrs["num_kv_heads"] == 1
+    assert attrs.get("num_key_value_groups", 1) == 1  # 5.x: the shared K/V head repeated once, not 4 times
+
+
+def test_an_attention_attribute_the_rule_does_not_know_is_refused():
+    """A transformers release that adds a head count the rule does not divide must fail at planning, not produce a
+    wrong reshape (as 5.x's FalconAttention.num_key_value_groups did before the rule listed it)."""
+    model = meta_model(tiny_config("opt"))
+    for block in model.model.decoder.layers:
+        block.self_attn.num_key_value_heads = 4  # a head count OPT's rule has never seen
+    with pytest.raises(AutoTPError, match=r"self_attn holds num_key_value_heads=4.*model_type 'opt'.*injection_policy"):
+        plan_tensor_parallel(model, 2)
 
 
 def test_fused_layouts_per_architecture():
