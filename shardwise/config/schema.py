@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from .schema_base import AnyDict, Bool, Dtype, Float, PosInt, Section, Str, lowered
+from .schema_comms import CommsConfig
 from .schema_monitor import (
     AioConfig,
     AutotuningConfig,
@@ -132,6 +133,8 @@ class SectionsConfig(Section):
     """Checkpoint save/load options."""
     comms_logger: CommsLoggerConfig = _block(CommsLoggerConfig)
     """Collective-communication logger."""
+    comms_config: CommsConfig = _block(CommsConfig)
+    """Collective settings (a shardwise key): the timeout."""
     tensor_parallel: TensorParallelConfig = _block(TensorParallelConfig)
     """AutoTP training."""
     flops_profiler: FlopsProfilerConfig = _block(FlopsProfilerConfig)

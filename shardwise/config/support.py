@@ -161,6 +161,7 @@ FEATURES: tuple[Feature, ...] = (
             note="PipelineModule; 1F1B and interleaved 1F1B (virtual_stages); pipe/grad_partitioned; ZeRO-0/1 only"),
     Feature("activation_checkpointing", S),  # activation_checkpointing.py
     Feature("comms_logger", S),  # comm/
+    Feature("comms_config.timeout", S, note="shardwise's own key"),  # comm/timeouts.py, via initialize()
     Feature("csv_monitor", S),  # utils/ monitors
     Feature("wall_clock_breakdown", S),  # utils/timers.py
     Feature("memory_breakdown", S),  # engine

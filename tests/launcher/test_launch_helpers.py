@@ -5,6 +5,7 @@ import ast
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from shardwise.launcher import launch, runners
+from shardwise.launcher import launch, rank_keeper, runners
 from shardwise.launcher.envfile import (
     EnvFileError,
     env_file_paths,
@@ -73,38 +74,60 @@ def _args(*extra):
 
 def test_worker_command_variants():
     py = sys.executable
-    assert launch.worker_command(_args("train.py", "--lr", "1"), 2) == [
+    assert launch.worker_command(_args("train.py", "--lr", "1")) == [
         py, "-u", "train.py", "--local_rank=${local_rank}", "--lr", "1",
     ]  # fmt: skip
-    assert launch.worker_command(_args("--module", "--no_local_rank", "pkg.train"), 2) == [py, "-u", "-m", "pkg.train"]
-    assert launch.worker_command(_args("--no_python", "./run.sh", "a"), 2) == [
+    assert launch.worker_command(_args("--module", "--no_local_rank", "pkg.train")) == [py, "-u", "-m", "pkg.train"]
+    assert launch.worker_command(_args("--no_python", "./run.sh", "a")) == [
         "./run.sh",
         "--local_rank=${local_rank}",
         "a",
     ]
     # a literal '$' survives torch's ${local_rank} expansion (Template turns '$$' back into '$')
-    assert launch.worker_command(_args("t.py", "cost=$5", "${local_rank}"), 1)[-2:] == ["cost=$$5", "$${local_rank}"]
+    assert launch.worker_command(_args("t.py", "cost=$5", "${local_rank}"))[-2:] == ["cost=$$5", "$${local_rank}"]
     with pytest.raises(SystemExit):
         _args("--module", "--no_python", "x")
 
 
-def test_bind_cores_wrapper_pins_and_sets_omp(tmp_path):
+def _as_started(cmd: list[str], local_rank: int) -> list[str]:
+    """What torch runs for ``local_rank``: its macro expanded, ``$$`` back to ``$``."""
+    return [a.replace("${local_rank}", str(local_rank)).replace("$$", "$") for a in cmd]
+
+
+def test_bind_cores_keeper_pins_and_sets_omp():
     cores = sorted(os.sched_getaffinity(0))
-    cmd = launch.worker_command(
-        _args("--bind_cores_to_rank", "--no_python", "--no_local_rank", sys.executable), len(cores)
-    )
-    assert cmd[:2] == [sys.executable, "-c"] and cmd[3:6] == [
-        "${local_rank}",
-        str(len(cores)),
-        ",".join(map(str, cores)),
-    ]
+    args = _args("--bind_cores_to_rank", "--no_python", "--no_local_rank", sys.executable)
+    assert launch.bound_cores(args, len(cores)) == cores
+    assert launch.bound_cores(_args("t.py"), 2) is None
+    cmd = launch.kept_command(launch.worker_command(args), len(cores), cores, os.getpid())
+    assert cmd[:4] == [sys.executable, "-I", "-S", rank_keeper.__file__]
+    assert cmd[4:8] == [str(os.getpid()), "${local_rank}", str(len(cores)), ",".join(map(str, cores))]
     probe = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
     last = len(cores) - 1
-    argv = [a.replace("${local_rank}", str(last)) for a in cmd] + ["-c", probe]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run([*_as_started(cmd, last), "-c", probe], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
     assert out.strip() == f"[{cores[last]}] 1"
     with pytest.raises(ValueError, match=r"3 ranks but only 2 core\(s\) \[0, 1\]"):
-        launch.worker_command(_args("--bind_cores_to_rank", "--bind_core_list", "0-1", "t.py"), 3)
+        launch.bound_cores(_args("--bind_cores_to_rank", "--bind_core_list", "0-1", "t.py"), 3)
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [("raise SystemExit(3)", 3), ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL),
+     ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", -signal.SIGTERM), ("pass", 0)],
+)
+def test_keeper_ends_as_the_rank_ended(code, expected):
+    """The launcher sees the rank's own exit code or signal through the keeper (SIGKILL included)."""
+    cmd = launch.kept_command([sys.executable, "-c", code], 1, None, os.getpid())
+    assert subprocess.run(_as_started(cmd, 0), timeout=30).returncode == expected
+
+
+def test_keeper_refuses_to_start_a_rank_once_its_launcher_is_gone():
+    """A keeper whose parent is not the launcher it was started for (the launcher died before the kernel could be
+    told) kills its group at once instead of starting the rank."""
+    cmd = launch.kept_command([sys.executable, "-c", "print('rank ran')"], 1, None, 1)  # pid 1: not our parent
+    proc = subprocess.run(_as_started(cmd, 0), capture_output=True, text=True, timeout=30, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL and "rank ran" not in proc.stdout
 
 
 def test_parse_core_list():
