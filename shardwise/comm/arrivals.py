@@ -20,11 +20,10 @@ import hashlib
 import time
 from collections.abc import Mapping, Sequence
 
-import torch
 import torch.distributed as dist
 
 from shardwise.comm.group import Group
-from shardwise.comm.timeouts import DEFAULT_TIMEOUT
+from shardwise.comm.timeouts import group_timeout_seconds
 
 __all__ = ["describe", "grace_seconds", "next_number", "report"]
 
@@ -44,14 +43,6 @@ def grace_seconds(timeout_s: float) -> float:
     """How long a timed-out rank waits for its peers' reports: 5% of the timeout, between 2 and 30 s (peers that
     reached the same collective later time out that much later)."""
     return min(30.0, max(2.0, 0.05 * timeout_s))
-
-
-def _timeout_seconds(group: Group) -> float:
-    pg = group.torch_group or dist.distributed_c10d._get_default_group()
-    try:
-        return pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()
-    except (AttributeError, RuntimeError, ValueError):
-        return DEFAULT_TIMEOUT.total_seconds()
 
 
 def _store_key(group: Group) -> str:
@@ -101,7 +92,7 @@ def report(group: Group, op: str, number: int) -> str:
         store = dist.distributed_c10d._get_default_store()
         key = _store_key(group)
         store.append(key, f"{dist.get_rank()}:{number}:{op};")
-        grace = grace_seconds(_timeout_seconds(group))
+        grace = grace_seconds(group_timeout_seconds(group.torch_group))
         start = time.monotonic()
         while True:
             positions = _parse(store.get(key))

@@ -30,6 +30,7 @@ __all__ = [
     "TIMEOUT_ENV",
     "TimeoutSettingError",
     "check_timeout",
+    "group_timeout_seconds",
     "resolve_timeout",
 ]
 
@@ -93,3 +94,16 @@ def resolve_timeout(
         if text.strip():
             return check_timeout(text, name, unit), name
     return DEFAULT_TIMEOUT, "default"
+
+
+def group_timeout_seconds(torch_group: object = None) -> float:
+    """The timeout a process group was created with (``None``: the default group), in seconds; the default
+    timeout where the backend does not say (only gloo's options are read)."""
+    import torch
+    import torch.distributed as dist
+
+    try:
+        pg = torch_group or dist.distributed_c10d._get_default_group()
+        return pg._get_backend(torch.device("cpu")).options._timeout.total_seconds()  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError, ValueError):
+        return DEFAULT_TIMEOUT.total_seconds()
