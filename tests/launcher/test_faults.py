@@ -103,3 +103,38 @@ def test_a_collective_timeout_names_the_rank_that_did_not_arrive(run_cli, launch
     assert "all_reduce #2 on group Group(world, ranks=[0, 1, 2]) timed out" in errors[-1]
     assert "Rank 2 did not arrive (no collective of this group timed out there within 2 s" in errors[-1]
     assert "ranks 0, 1 reached all_reduce #2" in errors[-1]
+
+
+def test_sigkill_of_a_multi_node_launcher_stops_its_runners(launch_env, tmp_path):
+    """Through the multi-node path (the CLI supervises one ``ssh`` per node; a stand-in ``ssh`` runs the remote
+    command here): ``kill -9`` of the CLI sends SIGTERM to its runner processes, whose launchers then stop their
+    ranks as on Ctrl-C."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    fake_ssh = bindir / "ssh"
+    fake_ssh.write_text('#!/bin/bash\n# test stand-in for ssh: run the remote command here\nexec bash -c "${@: -1}"\n')
+    fake_ssh.chmod(0o755)
+    env = {**launch_env, "PATH": f"{bindir}:{launch_env['PATH']}"}
+    (tmp_path / "hostfile").write_text("node-a slots=1\nnode-b slots=1\n")
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    cmd = [*CLI, "-H", "hostfile", "--launcher", "ssh", "--master_addr", "127.0.0.1", str(SCRIPTS / "hold.py"),
+           "--pid_dir", str(pids)]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    job: list[int] = []
+    try:
+        _wait_ready(proc, 2)
+        job = [int(p) for f in sorted(pids.glob("rank*.pids")) for p in f.read_text().split()]
+        job += [child.pid for child in psutil.Process(proc.pid).children()]  # the two "ssh" (then launch) processes
+        assert len(job) == 8 and _alive(job) == job
+        proc.kill()
+        proc.wait(timeout=LIVENESS_BOUND_S)
+        deadline = time.monotonic() + LIVENESS_BOUND_S
+        while _alive(job) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _alive(job), f"processes of the job outlived its launcher: {_alive(job)}"
+    finally:
+        for pid in _alive(job):
+            psutil.Process(pid).kill()
+        if proc.poll() is None:
+            proc.kill()
