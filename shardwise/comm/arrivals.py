@@ -28,12 +28,19 @@ from shardwise.comm.timeouts import group_timeout_seconds
 __all__ = ["describe", "grace_seconds", "next_number", "report"]
 
 _POLL_S = 0.2
-_numbers: dict[tuple[str, tuple[int, ...]], int] = {}
+_numbers: dict[tuple[str, tuple[int, ...], str], int] = {}
+
+
+def _identity(group: Group) -> tuple[str, tuple[int, ...], str]:
+    """The same on every member: our name, the ranks, and torch's own name of the group (two groups may share
+    ours)."""
+    torch_group = group.torch_group
+    return group.name, group.ranks, str(getattr(torch_group, "group_name", "")) if torch_group is not None else ""
 
 
 def next_number(group: Group) -> int:
     """The number of the collective this rank is issuing on ``group`` (1, 2, ...)."""
-    key = (group.name, group.ranks)
+    key = _identity(group)
     n = _numbers.get(key, 0) + 1
     _numbers[key] = n
     return n
@@ -46,8 +53,9 @@ def grace_seconds(timeout_s: float) -> float:
 
 
 def _store_key(group: Group) -> str:
-    members = hashlib.sha1(",".join(map(str, group.ranks)).encode()).hexdigest()[:12]
-    return f"shardwise/arrivals/{group.name}/{members}"
+    name, ranks, torch_name = _identity(group)
+    members = hashlib.sha1(f"{','.join(map(str, ranks))}|{torch_name}".encode()).hexdigest()[:12]
+    return f"shardwise/arrivals/{name}/{members}"
 
 
 def _parse(text: bytes) -> dict[int, tuple[int, str]]:

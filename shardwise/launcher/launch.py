@@ -36,14 +36,14 @@ from shardwise.launcher.net import PortError, listen_on_free_port, loopback_addr
 
 __all__ = [
     "NodePlan",
+    "bound_cores",
     "configure_logging",
+    "kept_command",
     "main",
     "node_plan",
     "parse_args",
     "parse_core_list",
     "run",
-    "bound_cores",
-    "kept_command",
     "worker_command",
 ]
 
@@ -272,26 +272,30 @@ _SIGNAL_HINTS = {
     int(signal.SIGABRT): "an abort in native code (its message is in the stderr lines below)",
     int(signal.SIGBUS): "a bad memory access, often a full /dev/shm",
 }
-# The signals torch's agent sends the ranks it stops (SIGKILL only after a 30 s grace period).
-_AGENT_SIGNALS = {-int(signal.SIGTERM), -int(signal.SIGINT), -int(signal.SIGHUP), -int(signal.SIGKILL)}
+# The signals torch's agent stops ranks with; SIGKILL only for a rank still running after a 30 s grace period.
+_STOP_SIGNALS = {-int(signal.SIGTERM), -int(signal.SIGINT), -int(signal.SIGHUP)}
+_ESCALATION_S = 20  # a SIGKILL recorded this long after the first failure is the agent's escalation
 
 
 def _root_cause(err, logs) -> tuple[int, object]:
     """The failure that most likely started it all.
 
-    torch's agent records the ranks found failed *before* it signals the others first, in its dict of failures,
-    and only then the ranks it stopped; so the first entry always failed on its own. Among the rest, a rank that
-    ended with one of the agent's own signals is taken for a victim. Among ranks that failed on their own in the
-    same poll, a SIGKILL comes first (no rank SIGKILLs itself because a peer failed, while a peer's lost connection
-    can make a rank exit with an error or even abort), then the one whose stderr was written last the earliest
-    (a crash and the peer that saw "Connection closed by peer": victims write their traceback afterwards).
+    torch's agent lists the ranks it found failed, in its dict of failures, before the ranks it then stopped; so
+    the first entry always failed on its own. A later entry that ended with one of the agent's stop signals, or
+    with a SIGKILL recorded long after the first failure (the agent's escalation), was stopped by the agent.
+    Among ranks that failed on their own in the same poll, a SIGKILL comes first (no rank SIGKILLs itself because
+    a peer failed, while a peer's lost connection can make a rank exit with an error, or even abort), then the
+    one whose stderr was written last the earliest (victims write their "Connection closed" traceback after the
+    crash that caused it).
     """
     items = list(err.failures.items())
+    first_seen = items[0][1].timestamp
 
     def key(indexed):
         index, (rank, failure) = indexed
-        stopped = index > 0 and failure.exitcode in _AGENT_SIGNALS
         killed = failure.exitcode == -int(signal.SIGKILL)
+        escalated = killed and failure.timestamp - first_seen >= _ESCALATION_S
+        stopped = index > 0 and (failure.exitcode in _STOP_SIGNALS or escalated)
         return (stopped, not killed, logs.last_write(rank), rank)
 
     return min(enumerate(items), key=key)[1]

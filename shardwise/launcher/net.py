@@ -7,7 +7,7 @@ import ipaddress
 import socket
 
 __all__ = [
-    "MAX_PORT", "PortError", "free_port", "listen_on_free_port", "loopback_address", "parse_port", "port_is_free",
+    "MAX_PORT", "PortError", "listen_on_free_port", "loopback_address", "parse_port", "port_is_free",
 ]
 
 MAX_PORT = 65535
@@ -57,13 +57,6 @@ def port_is_free(addr: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def free_port(addr: str) -> int:
-    """A port the kernel reports free on ``addr`` right now."""
-    with socket.socket(_family(addr)) as sock:
-        sock.bind((addr, 0))
-        return sock.getsockname()[1]
 
 
 def listen_on_free_port(addr: str) -> socket.socket:

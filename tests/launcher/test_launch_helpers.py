@@ -6,6 +6,7 @@ import os
 import re
 import shlex
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -216,3 +217,75 @@ def test_launcher_imports_no_runtime():
                 top = name.split(".")[0]
                 assert top not in {"shardwise"} or name.startswith("shardwise.launcher"), (path.name, name)
                 assert top not in {"psutil", "numpy", "pydantic", "deepspeed"}, (path.name, name)
+
+
+class _Failure:
+    def __init__(self, exitcode: int, timestamp: int = 1000) -> None:
+        self.exitcode, self.timestamp = exitcode, timestamp
+
+
+class _Err:
+    def __init__(self, *failures: tuple[int, _Failure]) -> None:
+        self.failures = dict(failures)  # torch's order: found failed first, then the ranks the agent stopped
+
+
+class _Logs:
+    def __init__(self, last: dict[int, float]) -> None:
+        self.last = last
+
+    def last_write(self, rank: int) -> float:
+        return self.last.get(rank, float("inf"))
+
+
+KILL, TERM, ABRT = -signal.SIGKILL, -signal.SIGTERM, -signal.SIGABRT
+
+
+@pytest.mark.parametrize(
+    ("failures", "last_write", "blamed"),
+    [
+        # the OOM killer takes rank 1; the agent then stops rank 0 (which had written to stderr before)
+        ([(1, _Failure(KILL)), (0, _Failure(TERM))], {0: 5.0}, 1),
+        # same poll: rank 0 saw the connection close and exited 1 (listed first), rank 1 was SIGKILLed
+        ([(0, _Failure(1)), (1, _Failure(KILL))], {0: 9.0}, 1),
+        # same poll: rank 1 raised, rank 0 aborted in gloo on the lost connection afterwards
+        ([(0, _Failure(ABRT)), (1, _Failure(1))], {0: 9.0, 1: 8.0}, 1),
+        # rank 2 raised; rank 0 ignored SIGTERM and was SIGKILLed by the agent 30 s later
+        ([(2, _Failure(1)), (0, _Failure(KILL, 1031)), (1, _Failure(TERM, 1001))], {0: 1.0, 2: 3.0}, 2),
+    ],
+)
+def test_root_cause_is_the_rank_that_failed_on_its_own(failures, last_write, blamed):
+    rank, _ = launch._root_cause(_Err(*failures), _Logs(last_write))
+    assert rank == blamed
+
+
+def test_free_port_is_held_from_its_choice_to_the_store():
+    """``--master_port 0``: the launcher listens on a kernel-chosen port and hands that socket to the store, so no
+    other process can take the port in between (nothing to retry)."""
+    from shardwise.launcher.net import listen_on_free_port
+
+    sock = listen_on_free_port("127.0.0.1")
+    try:
+        addr, port = sock.getsockname()
+        assert addr == "127.0.0.1" and port > 0
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))  # taken until the store (here: us) closes it
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass  # it is listening already
+    finally:
+        sock.close()
+    plan = launch.node_plan({"a": [0], "b": [0]}, 0)
+    with pytest.raises(ValueError, match="--master_port 0 \\(a free port\\) works only for a single-node job"):
+        launch._reserve_port(launch.parse_args(["--world_info", "x", "--master_port", "0", "t.py"]), plan)
+
+
+@pytest.mark.parametrize(("text", "ok"), [("1", 1), ("65535", 65535), (" 80 ", 80), ("0", None), ("65536", None),
+                                          ("-1", None), ("8e3", None), ("", None)])
+def test_parse_port(text, ok):
+    from shardwise.launcher.net import PortError, parse_port
+
+    if ok is None:
+        with pytest.raises(PortError, match="is not a TCP port: give a whole number from 1 to 65535"):
+            parse_port(text)
+    else:
+        assert parse_port(text) == ok
+    assert parse_port("0", allow_zero=True) == 0
