@@ -1,160 +1,222 @@
-"""Fault outcomes of issue 15 (items 3, 4, 5, 7, 9, 11): what each fault does and how long until every rank knows.
+"""Fault benchmark: how each launcher/collective fault ends, and how long it takes, on 2-3 CPU ranks (gloo).
 
-Run:  python benchmarks/bench_faults.py            (2 gloo ranks on CPU, about a minute; writes results/faults.md)
+Run:  python benchmarks/bench_faults.py                  (every scenario, --repeat 3; ~3 min on 2 quiet cores)
+      python benchmarks/bench_faults.py --teardown-runs 20 --against /path/to/other/checkout
 
-Each row runs one fault on 2 fresh ranks (the tests' forkserver harness, ``tests/dist.py``) and reports the outcome
-seen on every rank and the time from the faulty call to the error on the slower rank (inside the ranks, so process
-start-up is not counted). "bytes lost" is what a killed save cost the previous checkpoint (nothing: ``latest`` still
-loads) and what its temporaries occupied until the next save removed them. The scenarios are the regression tests'
-(``tests/distributed/test_checkpoint_faults.py``, ``test_engine_guards.py``, ``tests/unit/test_config_fuzz.py``).
+Scenarios (the scripts are the fault tests' own, in tests/launcher/scripts/):
+
+* rank SIGKILL: rank 1 of 2 is killed with SIGKILL from outside (as the OOM killer does) once both ranks are up;
+  time from the kill to the launcher's exit, its exit code, and whether the report names rank 1 and SIGKILL;
+* rank raises: rank 1 raises right after printing READY; time from READY to the launcher's exit;
+* launcher SIGKILL: ``kill -9`` of the launcher; time until every rank, rank child and rank keeper is gone;
+* launcher SIGTERM: time until the launcher has exited, and whether any process of the job survived;
+* collective timeout: rank 2 of 3 never reaches an all-reduce, SHARDWISE_COMM_TIMEOUT=T; time from READY to the
+  launcher's exit (T + the arrival check's grace + the shutdown), and whether the error names rank 2;
+* teardown: a script ending right after a collective, launched ``--teardown-runs`` times; exit codes counted.
+
+``--against DIR`` runs the launcher and ranks with ``PYTHONPATH=DIR`` (another checkout, e.g. before a fix).
+Times are wall-clock on a shared machine: the median of ``--repeat`` runs is reported with the range.
+Results: ``benchmarks/results/faults.md``.
 """
 
 from __future__ import annotations
 
-import json
+import argparse
 import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
-import torch
+import psutil
 
-import shardwise
-from tests.dist import run_ranks
-from tests.distributed import test_checkpoint_faults as ckpt
-from tests.distributed import test_engine_guards as guards
-from tests.models import mse_loss, rank_batch
-
-RESULTS = Path(__file__).resolve().parent / "results" / "faults.md"
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = ROOT / "tests" / "launcher" / "scripts"
+RESULTS = ROOT / "benchmarks" / "results" / "faults.md"
+POLL_S = 0.02
 
 
-def _timed(fn, *args, **kwargs) -> tuple[str, float]:
-    start = time.perf_counter()
-    try:
-        fn(*args, **kwargs)
-        outcome = "no error"
-    except Exception as exc:  # noqa: BLE001 - the outcome is the point
-        outcome = f"{type(exc).__name__}: {exc}"
-    return outcome, time.perf_counter() - start
+def _env(against: str | None, **extra: str) -> dict[str, str]:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "SHARDWISE_ACCELERATOR": "cpu", "PYTHONUNBUFFERED": "1", **extra}
+    env["PYTHONPATH"] = against or str(ROOT)
+    return env
 
 
-def _load_faults(root: str, cases: list[str]) -> list[tuple[str, str, float]]:
-    engine = ckpt._engine()
-    return [(case, *_timed(engine.load_checkpoint, os.path.join(root, case))) for case in cases]
+def _port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
-def _call_faults(save_dir: str) -> list[tuple[str, str, float]]:
-    engine = ckpt._engine()
-    x, y = rank_batch(0, engine.global_rank)
-    engine.backward(mse_loss(engine, x, y))
-    engine.step()
-    rows = [("save_checkpoint(save_dir=None)", *_timed(engine.save_checkpoint, None)),
-            ("save_checkpoint, bad tag on rank 1 only",
-             *_timed(engine.save_checkpoint, save_dir, tag="a/b" if engine.global_rank else "ok"))]
-    with engine.no_sync():
-        engine.backward(mse_loss(engine, x, y))
-        rows.append(("step() inside no_sync()", *_timed(engine.step)))
-    return rows
+class Job:
+    """One launch of the CLI, its stdout lines watched for ``READY <rank>``."""
+
+    def __init__(self, ranks: int, script: str, args: list[str], env: dict[str, str], tmp: Path) -> None:
+        cmd = [sys.executable, "-m", "shardwise.launcher.cli", "--num_gpus", str(ranks), "--master_port",
+               str(_port()), str(SCRIPTS / script), *args]
+        self.proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True)
+        self.ready: dict[str, float] = {}
+        self.stderr = ""
+        threading.Thread(target=self._read_out, daemon=True).start()
+        self._err = threading.Thread(target=self._read_err, daemon=True)
+        self._err.start()
+
+    def _read_out(self) -> None:
+        for line in self.proc.stdout:
+            if line.startswith("READY"):
+                self.ready[line.split()[1]] = time.monotonic()
+
+    def _read_err(self) -> None:
+        self.stderr = self.proc.stderr.read()
+
+    def wait_ready(self, ranks: int, timeout: float = 120) -> float:
+        deadline = time.monotonic() + timeout
+        while len(self.ready) < ranks:
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError(f"the job did not start: {self.stderr[-2000:]}")
+            time.sleep(POLL_S)
+        return max(self.ready.values())
+
+    def wait_exit(self, timeout: float = 300) -> tuple[int, float]:
+        code = self.proc.wait(timeout=timeout)
+        end = time.monotonic()
+        self._err.join(timeout=10)
+        return code, end
 
 
-def _unused_fault() -> tuple[str, str, float]:
-    config = guards._config(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"},
-                                                  "ignore_unused_parameters": False})
-    engine, *_ = shardwise.initialize(model=guards._Branchy(), config=config)
-    x, y = rank_batch(0, engine.global_rank)
-    engine.backward(mse_loss(engine, x, y))
-    return ("unused parameters, ZeRO-2 + offload, ignore_unused_parameters false", *_timed(engine.step))
+def _alive(pids: list[int]) -> list[int]:
+    alive = []
+    for pid in pids:
+        try:
+            if psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+                alive.append(pid)
+        except psutil.NoSuchProcess:
+            pass
+    return alive
 
 
-def _prepare_damaged(root: Path) -> list[str]:
-    ckpt_run = run_ranks(ckpt._train_and_save, str(root / "good"), ["t"])
-    del ckpt_run
-    for name, (edit, _) in ckpt.CORRUPTIONS.items():
-        (root / name / "t").mkdir(parents=True)
-        (root / name / "latest").write_text("t")
-        for f in (root / "good" / "t").iterdir():
-            (root / name / "t" / f.name).write_bytes(f.read_bytes())
-        manifest = json.loads((root / name / "t" / "manifest.json").read_text())
-        edit(manifest)
-        (root / name / "t" / "manifest.json").write_text(json.dumps(manifest))
-    (root / "empty_latest").mkdir()
-    (root / "empty_latest" / "latest").write_text("")
-    return [*ckpt.CORRUPTIONS, "empty_latest"]
+def _pids(pid_dir: Path, exclude: int) -> list[int]:
+    return [p for f in sorted(pid_dir.glob("rank*.pids")) for p in map(int, f.read_text().split()) if p != exclude]
 
 
-def _killed_save(root: Path, async_save: bool) -> str:
-    try:
-        run_ranks(ckpt._save_then_die, str(root), async_save, timeout=60)
-    except AssertionError:
-        pass
-    left = list(root.rglob(".tmp-*"))
-    size = sum(p.stat().st_size for p in left)
-    run_ranks(ckpt._train_and_save, str(root), ["third"], timeout=60)
-    after = list(root.rglob(".tmp-*"))
-    loads = run_ranks(ckpt._load_each, str(root), ["."])[0][0][1] == "loaded"
-    return (f"latest stayed on the previous tag; {len(left)} temporary file(s), {size} bytes, removed by the next "
-            f"save ({len(after)} left); latest loads: {loads}")
+def rank_sigkill(env: dict[str, str], tmp: Path) -> dict:
+    pid_dir = tmp / "pids"
+    pid_dir.mkdir()
+    job = Job(2, "hold.py", ["--pid_dir", str(pid_dir)], env, tmp)
+    job.wait_ready(2)
+    rank1 = int((pid_dir / "rank1.pids").read_text().split()[0])
+    start = time.monotonic()
+    os.kill(rank1, signal.SIGKILL)
+    code, end = job.wait_exit()
+    named = "rank 1 (local rank 1" in job.stderr and "failed with signal SIGKILL" in job.stderr
+    return {"seconds": end - start, "code": code, "ok": named and code == 137,
+            "survivors": len(_alive(_pids(pid_dir, job.proc.pid)))}
 
 
-def _nan_rows() -> list[tuple[str, str]]:
-    rows = []
-    for label, config in (("fp32, default", guards._config(1)),
-                          ("fp32, check_grad_overflow: true", guards._config(1, check_grad_overflow=True)),
-                          ("bf16, default (bf16.check_grad_overflow true)", guards._config(1, bf16={"enabled": True}))):
-        results = run_ranks(guards._nan_run, config)
-        unchanged = all(torch.equal(v, r["after"][k]) for r in results for k, v in r["before"].items())
-        finite = all(torch.isfinite(v.float()).all() for r in results for v in r["final"].values())
-        warned = sum(1 for r in results for line in r["log"] if "is nan" in line)
-        rows.append((f"NaN loss on rank 1 at step 2, {label}",
-                     f"skipped steps {results[0]['skipped']}/{results[1]['skipped']} (rank 0/1); step left weights "
-                     f"and optimizer state unchanged: {unchanged}; final weights finite: {finite}; warnings: {warned}"))
-    return rows
+def rank_raises(env: dict[str, str], tmp: Path) -> dict:
+    pid_dir = tmp / "pids"
+    pid_dir.mkdir()
+    job = Job(2, "hold.py", ["--pid_dir", str(pid_dir), "--fail_rank", "1"], env, tmp)
+    job.wait_ready(2)
+    code, end = job.wait_exit()
+    named = "rank 1 (local rank 1" in job.stderr and "boom from rank 1" in job.stderr
+    return {"seconds": end - job.ready["1"], "code": code, "ok": named and code == 1,
+            "survivors": len(_alive(_pids(pid_dir, job.proc.pid)))}
 
 
-def _config_fuzz_row() -> tuple[str, str, str]:
-    from tests.unit import test_config_fuzz as fuzz
+def launcher_signal(sig: int, env: dict[str, str], tmp: Path) -> dict:
+    pid_dir = tmp / "pids"
+    pid_dir.mkdir()
+    job = Job(2, "hold.py", ["--pid_dir", str(pid_dir)], env, tmp)
+    job.wait_ready(2)
+    pids = _pids(pid_dir, job.proc.pid)
+    start = time.monotonic()
+    job.proc.send_signal(sig)
+    code, _ = job.wait_exit()
+    deadline = start + 120
+    while _alive(pids) and time.monotonic() < deadline:
+        time.sleep(POLL_S)
+    survivors = _alive(pids)
+    for pid in survivors:
+        psutil.Process(pid).kill()
+    return {"seconds": time.monotonic() - start if not survivors else float("inf"), "code": code,
+            "ok": not survivors, "survivors": len(survivors)}
 
-    counts = {"ok": 0, "refused": 0, "raw": 0}
-    start = time.perf_counter()
-    for path in fuzz._all_paths():
-        for value in fuzz.HOSTILE:
-            counts[fuzz._outcome(fuzz._with(path, value))[0]] += 1
-    seconds = time.perf_counter() - start
-    total = sum(counts.values())
-    return (f"config fuzz: every schema field x {len(fuzz.HOSTILE)} hostile values ({total} configs)",
-            f"{counts['refused']} refused with a ConfigError naming path, value and fix; {counts['ok']} accepted "
-            f"(documented classes); {counts['raw']} raw exceptions", f"{seconds / total * 1e3:.2f} ms per config")
+
+def collective_timeout(seconds: int, env: dict[str, str], tmp: Path) -> dict:
+    job = Job(3, "late.py", ["--late_rank", "2"], {**env, "SHARDWISE_COMM_TIMEOUT": str(seconds)}, tmp)
+    ready = job.wait_ready(3)
+    code, end = job.wait_exit()
+    return {"seconds": end - ready, "code": code, "ok": "Rank 2 did not arrive" in job.stderr, "survivors": 0}
+
+
+def teardown(runs: int, env: dict[str, str], tmp: Path) -> dict:
+    codes = []
+    for _ in range(runs):
+        cmd = [sys.executable, "-m", "shardwise.launcher.cli", "-q", "--num_gpus", "2", "--master_port",
+               str(_port()), str(SCRIPTS / "last_collective.py")]
+        codes.append(subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, timeout=300).returncode)
+    return {"codes": codes}
+
+
+def _summary(rows: list[dict]) -> str:
+    times = [r["seconds"] for r in rows]
+    finite = [t for t in times if t != float("inf")]
+    spread = f" ({min(finite):.1f}-{max(finite):.1f})" if len(finite) > 1 else ""
+    median = f"{statistics.median(finite):.1f}{spread}" if finite else "never"
+    codes = sorted({r["code"] for r in rows})
+    ok = sum(r["ok"] for r in rows)
+    return f"{median} | {', '.join(map(str, codes))} | {ok}/{len(rows)} | {sum(r['survivors'] for r in rows)}"
 
 
 def main() -> None:
-    rows: list[tuple[str, str, str]] = []
-    with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
-        root = Path(tmp)
-        cases = _prepare_damaged(root / "damaged")
-        per_rank = run_ranks(_load_faults, str(root / "damaged"), cases)
-        for i, case in enumerate(cases):
-            outcome = per_rank[0][i][1] if per_rank[0][i][1] == per_rank[1][i][1] else "DIFFERENT per rank"
-            seconds = max(r[i][2] for r in per_rank)
-            rows.append((f"load: damaged checkpoint ({case})", outcome, f"{seconds:.3f} s"))
-        per_rank = run_ranks(_call_faults, str(root / "calls"))
-        for i, (label, outcome, _) in enumerate(per_rank[0]):
-            same = outcome == per_rank[1][i][1]
-            rows.append((label, outcome if same else "DIFFERENT per rank", f"{max(r[i][2] for r in per_rank):.3f} s"))
-        per_rank = run_ranks(_unused_fault)
-        rows.append((per_rank[0][0], per_rank[0][1], f"{max(r[2] for r in per_rank):.3f} s"))
-        rows += [(label, outcome, "-") for label, outcome in _nan_rows()]
-        for mode in (False, True):
-            rows.append((f"SIGKILL of rank 1 mid-shard, {'async' if mode else 'sync'} save",
-                         _killed_save(root / f"killed-{mode}", mode), "-"))
-    rows.append(_config_fuzz_row())
-    lines = ["| fault | outcome on every rank | time to error |", "|---|---|---|"]
-    for a, b, c in rows:
-        b = b.replace(tmp, "<dir>").replace("|", "/")
-        lines.append(f"| {a} | {b if len(b) < 230 else b[:227] + '...'} | {c} |")
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(f"# Fault outcomes (benchmarks/bench_faults.py, 2 CPU ranks)\n\n{text}\n")
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--teardown-runs", type=int, default=10)
+    p.add_argument("--against", default=None, help="PYTHONPATH of another checkout to measure instead")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args()
+    env = _env(args.against)
+    scenarios = [
+        ("a rank killed by SIGKILL (OOM killer)", "kill -> launcher exit", rank_sigkill),
+        ("a rank raises", "READY -> launcher exit", rank_raises),
+        ("launcher killed by SIGKILL", "kill -> every job process gone", lambda e, t: launcher_signal(9, e, t)),
+        ("launcher gets SIGTERM", "signal -> every job process gone", lambda e, t: launcher_signal(15, e, t)),
+        ("collective timeout, 3 ranks, T = 3 s", "READY -> launcher exit", lambda e, t: collective_timeout(3, e, t)),
+        ("collective timeout, 3 ranks, T = 10 s", "READY -> launcher exit", lambda e, t: collective_timeout(10, e, t)),
+    ]
+    lines = [
+        "# Fault benchmark",
+        "",
+        f"`python benchmarks/bench_faults.py --repeat {args.repeat} --teardown-runs {args.teardown_runs}"
+        + (f" --against {args.against}" if args.against else "") + f"` on {platform.node()} "
+        f"({os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at the start), {time.strftime('%Y-%m-%d')}.",
+        "",
+        "| fault | time measured | seconds: median (range) | launcher exit codes | named / cleaned up correctly "
+        "| processes left |",
+        "|---|---|---|---|---|---|",
+    ]
+    for name, what, run in scenarios:
+        rows = []
+        for _ in range(args.repeat):
+            with tempfile.TemporaryDirectory() as tmp:
+                rows.append(run(env, Path(tmp)))
+        lines.append(f"| {name} | {what} | {_summary(rows)} |")
+        print(lines[-1], flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        codes = teardown(args.teardown_runs, env, Path(tmp))["codes"]
+    bad = [c for c in codes if c != 0]
+    lines += ["", f"Teardown: a 2-rank script ending right after a collective, {len(codes)} launches: "
+              f"{len(codes) - len(bad)} exited 0, {len(bad)} did not (exit codes {sorted(set(bad)) or 'none'})."]
+    print(lines[-1], flush=True)
+    Path(args.out).write_text("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from shardwise.comm.topology import Topology
 from shardwise.config import add_config_arguments, load_config, read_config_dict, sequence_parallel_size
 from shardwise.config.errors import ConfigError
 from shardwise.monitor.utils import check_backends
+from shardwise.config.schema_comms import comms_timeout
 
 __all__ = ["initialize", "add_config_arguments"]
 
@@ -44,7 +45,6 @@ def initialize(
     """
     if model is None:
         raise ValueError("initialize() needs a model (an nn.Module)")
-    comm.init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required)
     source = config if config is not None else config_params if config_params is not None else args
     if source is None:
         raise ValueError(
@@ -52,6 +52,8 @@ def initialize(
             "--deepspeed_config (see shardwise.add_config_arguments)"
         )
     raw = read_config_dict(source)
+    comm.init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required,
+                          timeout=comms_timeout(raw))
     topology = _topology(raw, model, mpu, mesh_param)
     cfg = load_config(source, dp_world_size=topology.size("dp"))
     comm.configure(cfg.comms_logger)

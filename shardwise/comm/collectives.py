@@ -2,9 +2,9 @@
 
 Each wrapper (1) returns at once for a group of one rank, (2) records bytes and time in the comms log, and
 (3) turns a backend failure or timeout into a ``CollectiveError`` naming the operation, the group and this rank,
-instead of a bare gloo/nccl message. On gloo, all-gather and reduce-scatter run as one round of direct messages
-(``direct.py``), which is faster on the CPU than gloo's ring. Asynchronous calls return a ``Handle`` whose
-``wait()`` does (2) and (3).
+instead of a bare gloo/nccl message; after a timeout, also the ranks that did not arrive (``arrivals.py``). On
+gloo, all-gather and reduce-scatter run as one round of direct messages (``direct.py``), which is faster on the
+CPU than gloo's ring. Asynchronous calls return a ``Handle`` whose ``wait()`` does (2) and (3).
 """
 
 from __future__ import annotations
@@ -15,11 +15,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from shardwise.comm import direct
+from shardwise.comm import arrivals, direct
 from shardwise.comm.comms_log import COMMS_LOG
 from shardwise.comm.group import Group, as_group
 
 ReduceOp = dist.ReduceOp
+_POINT_TO_POINT = ("send", "recv")
 
 # torch 2.13 renamed the tensor-in/tensor-out collectives; keep working on older releases.
 _all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
@@ -30,28 +31,32 @@ class CollectiveError(RuntimeError):
     """A collective failed or timed out; the message names the operation, group and rank."""
 
 
-def _explain(op: str, group: Group, exc: BaseException) -> CollectiveError:
+def _explain(op: str, group: Group, exc: BaseException, number: int = 0) -> CollectiveError:
     rank = dist.get_rank() if dist.is_initialized() else 0
     text = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
     timed_out = "timed out" in str(exc).lower() or "timeout" in str(exc).lower()
+    missing = arrivals.report(group, op, number) if timed_out and number else ""
     hint = (
         "another rank did not reach the same collective in time: check that every rank issues the same collectives "
         "in the same order (a rank that raised, skipped a step, or has different data/model shapes), or raise the "
-        "timeout (init_distributed(timeout=...))"
+        "timeout (comms_config.timeout in the config, SHARDWISE_COMM_TIMEOUT, or init_distributed(timeout=...))"
         if timed_out
         else "a peer rank probably failed first; look for its traceback"
     )
     kind = "timed out" if timed_out else "failed"
-    return CollectiveError(f"rank {rank}: {op} on group {group!r} {kind}: {text}. Hint: {hint}")
+    call = f"{op} #{number}" if number else op
+    found = f" {missing[0].upper()}{missing[1:]}." if missing else ""
+    return CollectiveError(f"rank {rank}: {call} on group {group!r} {kind}: {text}.{found} Hint: {hint}")
 
 
 class Handle:
     """Result of an asynchronous collective: ``wait()`` blocks, records time, and explains failures."""
 
-    __slots__ = ("_work", "_op", "_group", "_start", "_done")
+    __slots__ = ("_work", "_op", "_group", "_start", "_done", "_number")
 
-    def __init__(self, work: Any, op: str, group: Group, start: float) -> None:
+    def __init__(self, work: Any, op: str, group: Group, start: float, number: int = 0) -> None:
         self._work, self._op, self._group, self._start, self._done = work, op, group, start, False
+        self._number = number
 
     def wait(self) -> None:
         """Block until the collective has completed on this rank."""
@@ -63,7 +68,7 @@ class Handle:
         try:
             self._work.wait()
         except Exception as exc:  # backend errors come as RuntimeError / DistBackendError
-            raise _explain(self._op, self._group, exc) from exc
+            raise _explain(self._op, self._group, exc, self._number) from exc
         COMMS_LOG.add_time(self._op, self._group.name, time.perf_counter() - self._start)
 
     def is_completed(self) -> bool:
@@ -75,14 +80,15 @@ _DONE = Handle(None, "noop", Group("noop", (0,)), 0.0)
 
 
 def _run(op: str, group: Group, nbytes: int, async_op: bool, call: Any) -> Handle | None:
+    number = 0 if op in _POINT_TO_POINT else arrivals.next_number(group)
     start = time.perf_counter()
     try:
         work = call()
     except Exception as exc:
-        raise _explain(op, group, exc) from exc
+        raise _explain(op, group, exc, number) from exc
     if async_op:
         COMMS_LOG.record(op, group.name, group.size, nbytes)
-        return Handle(work, op, group, start)
+        return Handle(work, op, group, start, number)
     COMMS_LOG.record(op, group.name, group.size, nbytes, time.perf_counter() - start)
     return None
 

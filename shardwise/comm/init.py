@@ -11,19 +11,13 @@ import torch
 import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
+from shardwise.comm import teardown
 from shardwise.comm.env import LaunchEnv, discover
+from shardwise.comm.timeouts import DEFAULT_TIMEOUT, resolve_timeout  # noqa: F401 - DEFAULT_TIMEOUT: public here
 
 logger = logging.getLogger("shardwise.comm")
 
-#: DeepSpeed's default process-group timeout (30 minutes); SHARDWISE_COMM_TIMEOUT (seconds) overrides it
-DEFAULT_TIMEOUT = datetime.timedelta(minutes=30)
-
 _launch_env: LaunchEnv | None = None
-
-
-def _default_timeout() -> datetime.timedelta:
-    value = os.environ.get("SHARDWISE_COMM_TIMEOUT")
-    return datetime.timedelta(seconds=float(value)) if value else DEFAULT_TIMEOUT
 
 
 def init_distributed(
@@ -42,10 +36,13 @@ def init_distributed(
 
     Rank and world size come from the arguments, else from the launcher's environment (torchrun / shardwise,
     OpenMPI, MPICH, SLURM; see ``comm/env.py``), else the process is a one-rank job on loopback. The backend
-    defaults to the accelerator's (gloo on cpu, nccl on cuda, hccl on hpu). ``timeout`` (a timedelta or seconds)
-    bounds every collective: one that does not complete in time raises ``CollectiveError`` naming it.
+    defaults to the accelerator's (gloo on cpu, nccl on cuda, hccl on hpu). ``timeout`` (a timedelta or seconds;
+    default SHARDWISE_COMM_TIMEOUT seconds, DEEPSPEED_TIMEOUT minutes, or 30 minutes: ``comm/timeouts.py``) bounds
+    every collective: one that does not complete in time raises ``CollectiveError`` naming it and the ranks that
+    did not arrive. The process groups are destroyed at a clean exit (``comm/teardown.py``).
     """
     global _launch_env
+    teardown.register()
     if dist.is_initialized():
         if _launch_env is None:
             _launch_env = _env_from_initialized()
@@ -65,9 +62,7 @@ def init_distributed(
         os.environ.setdefault(name, str(value))
     accelerator = get_accelerator()
     backend = dist_backend or accelerator.communication_backend_name()
-    if isinstance(timeout, (int, float)):
-        timeout = datetime.timedelta(seconds=timeout)
-    timeout = timeout or _default_timeout()
+    timeout, _ = resolve_timeout(timeout)
     if accelerator.device_name() != "cpu":
         accelerator.set_device(env.local_rank)
     if verbose and env.rank == 0:

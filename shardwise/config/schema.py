@@ -17,6 +17,7 @@ from pydantic import Field
 
 from .schema_base import AnyDict, Bool, Dtype, Float, PosFloat, PosInt, Section, Str, lowered
 from .schema_data import DataEfficiencyConfig, LegacyCurriculumConfig
+from .schema_comms import CommsConfig
 from .schema_monitor import (
     AioConfig,
     AutotuningConfig,
@@ -138,6 +139,8 @@ class SectionsConfig(Section):
     """Checkpoint save/load options."""
     comms_logger: CommsLoggerConfig = _block(CommsLoggerConfig)
     """Collective-communication logger."""
+    comms_config: CommsConfig = _block(CommsConfig)
+    """Collective settings (a shardwise key): the timeout."""
     tensor_parallel: TensorParallelConfig = _block(TensorParallelConfig)
     """AutoTP training."""
     flops_profiler: FlopsProfilerConfig = _block(FlopsProfilerConfig)

@@ -163,6 +163,7 @@ FEATURES: tuple[Feature, ...] = (
             note="PipelineModule; 1F1B and interleaved 1F1B (virtual_stages); pipe/grad_partitioned; ZeRO-0/1 only"),
     Feature("activation_checkpointing", S),  # activation_checkpointing.py
     Feature("comms_logger", S),  # comm/
+    Feature("comms_config.timeout", S, note="shardwise's own key"),  # comm/timeouts.py, via initialize()
     Feature("csv_monitor", S, note="DeepSpeed's layout: output_path/job_name/<event>.csv"),  # monitor/
     Feature("tensorboard", S, note="needs the tensorboard package (shardwise[tensorboard])"),  # monitor/
     Feature("wandb", S, note="needs the wandb package (shardwise[wandb])"),  # monitor/

@@ -35,10 +35,10 @@ import torch
 
 from shardwise import comm
 from shardwise.comm.group import Group
+from shardwise.comm.timeouts import group_timeout_seconds
 
 _FLAG_STRIDE = 8  # int64 entries per flag: one 64-byte cache line per rank
 SLOT_BYTES = 1 << 20
-WAIT_TIMEOUT_S = 600.0
 
 
 class TorchCollectives:
@@ -65,9 +65,11 @@ class SharedMemoryCollectives:
 
     kind = "shared memory"
 
-    def __init__(self, group: Group, slot_bytes: int = SLOT_BYTES, timeout: float = WAIT_TIMEOUT_S) -> None:
+    def __init__(self, group: Group, slot_bytes: int = SLOT_BYTES, timeout: float | None = None) -> None:
         self.group, self.world, self.rank = group, group.size, group.rank
-        self.slot_bytes, self.timeout = slot_bytes, timeout
+        # the job's collective timeout (comms_config.timeout / SHARDWISE_COMM_TIMEOUT / 30 min), as over gloo
+        self.slot_bytes = slot_bytes
+        self.timeout = timeout if timeout is not None else group_timeout_seconds(group.torch_group)
         self.fallback = TorchCollectives(group)
         flag_bytes = self.world * _FLAG_STRIDE * 8
         self._data_offset = flag_bytes
@@ -117,8 +119,9 @@ class SharedMemoryCollectives:
                     late = [r for r in range(self.world) if int(self._flags[r]) < self._seq]
                     raise RuntimeError(f"tensor-parallel shared-memory collective timed out after {self.timeout:.0f}"
                                        f"s waiting for group ranks {late} (round {self._seq}); a peer stopped or "
-                                       "is running different code; set SHARDWISE_INFERENCE_SHM=0 to use "
-                                       "torch.distributed instead")
+                                       "is running different code (the timeout is the job's collective timeout: "
+                                       "comms_config.timeout / SHARDWISE_COMM_TIMEOUT); set "
+                                       "SHARDWISE_INFERENCE_SHM=0 to use torch.distributed instead")
 
     def all_reduce_(self, t: torch.Tensor) -> None:
         """Sum ``t`` over the group, in place (rank-order sum, identical on every rank)."""

@@ -18,7 +18,7 @@ import signal
 import subprocess
 import sys
 
-from shardwise.launcher import launch
+from shardwise.launcher import launch, rank_keeper
 from shardwise.launcher.envfile import EnvFileError, forwarded_environment, load_env_files
 from shardwise.launcher.hostfile import (
     DEFAULT_HOSTFILE,
@@ -30,7 +30,7 @@ from shardwise.launcher.hostfile import (
     select_resources,
     world_size,
 )
-from shardwise.launcher.net import free_port, loopback_address, port_is_free
+from shardwise.launcher.net import PortError, loopback_address, parse_port, port_is_free
 from shardwise.launcher.runners import (
     RUNNERS,
     LaunchOptions,
@@ -49,6 +49,33 @@ _STOP_TIMEOUT = 30.0
 _FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
+def _port_type(flag: str):
+    def parse(text: str) -> int:
+        try:
+            return parse_port(text, flag)
+        except PortError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    return parse
+
+
+def _count(flag: str, what: str):
+    """argparse type of ``--num_nodes``/``--num_gpus``: a whole number >= 1 (left out: every host / slot)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = 0
+        if value < 1:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a count: give a whole number >= 1, or leave {flag} out to use every {what}"
+            )
+        return value
+
+    return parse
+
+
 def build_parser(prog: str = "shardwise") -> argparse.ArgumentParser:
     """The argument parser: DeepSpeed's runner flags, then ``user_script user_args...``."""
     p = argparse.ArgumentParser(
@@ -60,13 +87,14 @@ def build_parser(prog: str = "shardwise") -> argparse.ArgumentParser:
     add("-H", "--hostfile", default=DEFAULT_HOSTFILE, help="MPI-style hostfile ('host slots=N' lines)")
     add("-i", "--include", default="", help="resources to use: NODE[:SLOT,...][@NODE...], e.g. w0@w1:0,2")
     add("-e", "--exclude", default="", help="resources to leave out, same syntax as --include")
-    add("--num_nodes", type=int, default=-1, help="use the first N hosts of the hostfile")
-    add("--num_gpus", "--num_accelerators", type=int, default=-1, help="ranks per node (slots 0..N-1)")
+    add("--num_nodes", type=_count("--num_nodes", "host"), default=-1, help="use the first N hosts of the hostfile")
+    add("--num_gpus", "--num_accelerators", type=_count("--num_gpus", "slot"), default=-1,
+        help="ranks per node (slots 0..N-1)")
     add(
         "--master_port",
-        type=int,
+        type=_port_type("--master_port"),
         default=None,
-        help=f"rendezvous port on node 0 (default {DEFAULT_MASTER_PORT})",
+        help=f"rendezvous port on node 0 (default: a free port on one node, {DEFAULT_MASTER_PORT} on several)",
     )
     add("--master_addr", default="", help="address of node 0 (default: 127.0.0.1 alone, else first host)")
     add("--node_rank", type=int, default=-1, help="this node's index; with --no_ssh")
@@ -78,7 +106,7 @@ def build_parser(prog: str = "shardwise") -> argparse.ArgumentParser:
     add("--no_ssh", action="store_true", help="run only this node's ranks (start each node yourself)")
     add("--no_ssh_check", action="store_true", help="accepted for compatibility; no ssh check is made")
     add("--force_multi", action="store_true", help="use the multi-node runner even for one host")
-    add("--ssh_port", type=int, default=None, help="ssh port for the pdsh/ssh runners")
+    add("--ssh_port", type=_port_type("--ssh_port"), default=None, help="ssh port for the pdsh/ssh runners")
     add("--save_pid", action="store_true", help="write the launcher pid to <tmp>/<pid>.deepspeed")
     add("--enable_each_rank_log", default=None, help="write each rank's output to DIR/<time>_rank<N>.log")
     add("--bind_cores_to_rank", action="store_true", help="pin each rank to its share of the CPU cores")
@@ -155,18 +183,13 @@ def _resolve_resources(args: argparse.Namespace) -> tuple[Pool, Pool]:
 
 
 def _local_master_port(args: argparse.Namespace, addr: str) -> int:
-    """The rendezvous port of a local run: the one asked for, or 29500, or (if 29500 is busy) a free one."""
-    if args.master_port is not None:
-        if not port_is_free(addr, args.master_port):
-            raise _UsageError(f"--master_port {args.master_port} is in use on {addr}; pick another or omit it")
-        return args.master_port
-    if port_is_free(addr, DEFAULT_MASTER_PORT):
-        return DEFAULT_MASTER_PORT
-    port = free_port(addr)
-    logger.warning(
-        "port %d is busy on %s: using free port %d for this single-node run", DEFAULT_MASTER_PORT, addr, port
-    )
-    return port
+    """The rendezvous port of a single-node run: the one asked for (refused if busy), else 0, which makes this
+    node's launcher listen on a free port before anything else can take it (as ``torchrun --standalone``)."""
+    if args.master_port is None:
+        return 0
+    if loopback_address(addr) is not None and not port_is_free(addr, args.master_port):
+        raise _UsageError(f"--master_port {args.master_port} is in use on {addr}; pick another or omit it")
+    return args.master_port
 
 
 def _options(args: argparse.Namespace, master_addr: str, master_port: int) -> LaunchOptions:
@@ -208,7 +231,7 @@ def _run_local(args: argparse.Namespace, active: Pool, env_vars: dict[str, str])
         if len(active) > 1 and not args.master_addr:
             raise _UsageError("--no_ssh with several nodes needs --master_addr (the address of node 0)")
     master_addr = args.master_addr or "127.0.0.1"
-    if loopback_address(master_addr) is not None and node_rank == 0:
+    if len(active) == 1:
         master_port = _local_master_port(args, master_addr)
     else:
         master_port = args.master_port or DEFAULT_MASTER_PORT
@@ -268,12 +291,18 @@ class _Interrupted(Exception):
     """Raised out of a blocking wait by the signal handler of :func:`_supervise`."""
 
 
+def _stop_with_launcher() -> None:
+    """In each runner process before exec: SIGTERM when this launcher dies, even by SIGKILL (Linux), so pdsh /
+    ssh / mpirun / srun end their remote commands as on Ctrl-C instead of running on unattended."""
+    rank_keeper.set_parent_death_signal(signal.SIGTERM)
+
+
 def _supervise(runner: MultiNodeRunner, commands: list[list[str]]) -> int:
     """Run the runner's commands together; the first failure or signal stops the rest.
 
     Returns the exit code: 0, the first failure's code, or 128 + the signal received."""
     env = {**os.environ, **runner.environment()}
-    procs = [subprocess.Popen(cmd, env=env, start_new_session=True) for cmd in commands]
+    procs = [subprocess.Popen(cmd, env=env, start_new_session=True, preexec_fn=_stop_with_launcher) for cmd in commands]
     labels = {proc.pid: label for proc, label in zip(procs, runner.labels())}
     received: list[int] = []
 

@@ -92,8 +92,16 @@ def load_env_files(paths: list[str] | None = None) -> tuple[dict[str, str], list
     used: list[str] = []
     for path in env_file_paths() if paths is None else paths:
         if os.path.isfile(path):
-            with open(path, encoding="utf-8") as handle:
-                merged.update(parse_env_file(handle.read(), source=path))
+            try:
+                with open(path, encoding="utf-8") as handle:
+                    text = handle.read()
+            except UnicodeDecodeError as err:
+                raise EnvFileError(
+                    f"{path} is not UTF-8 text (byte {err.start}); write it as NAME=VALUE lines"
+                ) from None
+            except OSError as err:
+                raise EnvFileError(f"cannot read {path}: {err.strerror}") from None
+            merged.update(parse_env_file(text, source=path))
             used.append(path)
     return merged, used
 

@@ -80,11 +80,26 @@ def parse_hostfile(lines: Iterable[str] | str, source: str = "<hostfile>") -> di
 
 
 def fetch_hostfile(path: str) -> dict[str, int] | None:
-    """Read and parse the hostfile at ``path``; ``None`` when no such file exists (a local run)."""
-    if not os.path.isfile(path):
+    """Read and parse the hostfile at ``path``; ``None`` when nothing exists there (a local run).
+
+    Something at ``path`` that is not a readable UTF-8 text file (a directory, no read permission, binary data)
+    raises :class:`HostfileError` naming it: the user pointed at it, so running locally instead would be wrong.
+    """
+    if not os.path.lexists(path):
         return None
-    with open(path, encoding="utf-8") as handle:
-        return parse_hostfile(handle.readlines(), source=path)
+    if os.path.isdir(path):
+        raise HostfileError(f"hostfile {path} is a directory; pass the file itself (lines 'HOSTNAME slots=N')")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            lines = handle.readlines()
+    except UnicodeDecodeError as err:
+        raise HostfileError(
+            f"hostfile {path} is not UTF-8 text (byte {err.start} is 0x{err.object[err.start]:02x}); "
+            "a hostfile has lines 'HOSTNAME slots=N'"
+        ) from None
+    except OSError as err:
+        raise HostfileError(f"cannot read hostfile {path}: {err.strerror}") from None
+    return parse_hostfile(lines, source=path)
 
 
 def pool_from_slot_counts(counts: dict[str, int]) -> Pool:
@@ -162,6 +177,11 @@ def select_resources(pool: Pool, include: str = "", exclude: str = "", num_nodes
             "express the selection with --include alone (e.g. -i 'worker-0:0,1@worker-1:0,1')"
         )
     active = filter_resources(pool, include, exclude)
+    if not active:
+        offered = ", ".join(f"{host}:{','.join(map(str, slots))}" for host, slots in pool.items())
+        raise HostfileError(
+            f"--exclude {exclude!r} leaves no slot to run on (on offer: {offered}); exclude fewer slots"
+        )
     if num_nodes == 0 or num_gpus == 0:
         raise HostfileError("--num_nodes and --num_gpus must be at least 1 when given")
     if num_nodes > 0:

@@ -10,7 +10,9 @@ own sessions, so their children go too) and escalates to SIGKILL after a grace p
 DeepSpeed environment (LOCAL_SIZE, CROSS_RANK, CUDA_VISIBLE_DEVICES, ``--local_rank=N``), a rendezvous
 that stays on loopback for local jobs (see ``rendezvous.py``), DeepSpeed-style logs (``rank_logs.py``),
 a failure summary naming the rank that failed first and quoting its error, and a last sweep that
-SIGKILLs anything the ranks started that is still alive (see ``_kill_leftovers``).
+SIGKILLs anything the ranks started that is still alive (see ``_kill_leftovers``). Each rank is started through
+``rank_keeper.py``, so that the ranks and what they started die with this process even when it is SIGKILLed
+(which runs none of the above).
 """
 
 from __future__ import annotations
@@ -28,12 +30,15 @@ import time
 import uuid
 from dataclasses import dataclass
 
+from shardwise.launcher import rank_keeper
 from shardwise.launcher.hostfile import HostfileError, Pool, decode_world_info, world_size
-from shardwise.launcher.net import loopback_address
+from shardwise.launcher.net import PortError, listen_on_free_port, loopback_address, parse_port
 
 __all__ = [
     "NodePlan",
+    "bound_cores",
     "configure_logging",
+    "kept_command",
     "main",
     "node_plan",
     "parse_args",
@@ -50,17 +55,13 @@ _LOCAL_RANK_MACRO = "${local_rank}"
 _HANDLED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # Inherited by every rank and its children: lets the final sweep find whatever this node started.
 _MARKER_VAR = "SHARDWISE_LAUNCH_ID"
-# Runs in each rank's process before the real command when --bind_cores_to_rank is on: pin this local
-# rank to its share of the cores, match OMP_NUM_THREADS, then exec the real command (same pid).
-_BIND_SNIPPET = (
-    "import os,sys\n"
-    "lr,n=int(sys.argv[1]),int(sys.argv[2])\n"
-    "cores=[int(c) for c in sys.argv[3].split(',')]\n"
-    "per=len(cores)//n\n"
-    "os.sched_setaffinity(0,cores[lr*per:(lr+1)*per])\n"
-    "os.environ['OMP_NUM_THREADS']=str(per)\n"
-    "os.execvp(sys.argv[4],sys.argv[4:])\n"
-)
+
+
+def _port_or_zero(text: str) -> int:
+    try:
+        return parse_port(text, allow_zero=True)
+    except PortError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -71,7 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--node_rank", type=int, default=0, help="index of this node in --world_info")
     parser.add_argument("--master_addr", default="127.0.0.1", help="address of node 0 (rendezvous host)")
-    parser.add_argument("--master_port", type=int, default=DEFAULT_MASTER_PORT, help="rendezvous port on node 0")
+    parser.add_argument("--master_port", type=_port_or_zero, default=DEFAULT_MASTER_PORT,
+                        help="rendezvous port on node 0; 0 = a free port (single-node jobs)")
     parser.add_argument("--world_info", default="None", help="base64 JSON {host: [slot, ...]} from the CLI")
     parser.add_argument("--module", action="store_true", help="run user_script as a module (python -m)")
     parser.add_argument("--no_python", action="store_true", help="execute user_script directly, without python")
@@ -127,7 +129,7 @@ def parse_core_list(spec: str | None) -> list[int]:
     return cores
 
 
-def worker_command(args: argparse.Namespace, nproc: int) -> list[str]:
+def worker_command(args: argparse.Namespace) -> list[str]:
     """The command each rank runs, with torch's ``${local_rank}`` macro where the local rank goes.
 
     A literal ``$`` in the user's script or arguments is doubled so the macro expansion leaves it alone.
@@ -136,24 +138,28 @@ def worker_command(args: argparse.Namespace, nproc: int) -> list[str]:
     cmd.append(args.user_script.replace("$", "$$"))
     if not args.no_local_rank:
         cmd.append(f"--local_rank={_LOCAL_RANK_MACRO}")
-    cmd += [a.replace("$", "$$") for a in args.user_args]
-    if args.bind_cores_to_rank:
-        cores = parse_core_list(args.bind_core_list)
-        if len(cores) < nproc:
-            raise ValueError(
-                f"--bind_cores_to_rank: {nproc} ranks but only {len(cores)} core(s) {cores}; "
-                "use fewer ranks or a longer --bind_core_list"
-            )
-        cmd = [
-            sys.executable,
-            "-c",
-            _BIND_SNIPPET,
-            _LOCAL_RANK_MACRO,
-            str(nproc),
-            ",".join(map(str, cores)),
-            *cmd,
-        ]
-    return cmd
+    return cmd + [a.replace("$", "$$") for a in args.user_args]
+
+
+def bound_cores(args: argparse.Namespace, nproc: int) -> list[int] | None:
+    """The cores shared out among this node's ``nproc`` ranks with ``--bind_cores_to_rank``, else None."""
+    if not args.bind_cores_to_rank:
+        return None
+    cores = parse_core_list(args.bind_core_list)
+    if len(cores) < nproc:
+        raise ValueError(
+            f"--bind_cores_to_rank: {nproc} ranks but only {len(cores)} core(s) {cores}; "
+            "use fewer ranks or a longer --bind_core_list"
+        )
+    return cores
+
+
+def kept_command(cmd: list[str], nproc: int, cores: list[int] | None, launcher_pid: int) -> list[str]:
+    """``cmd`` started through :mod:`rank_keeper` (the rank dies with the launcher ``launcher_pid``; it is pinned
+    to its share of ``cores`` when given)."""
+    spec = ",".join(map(str, cores)) if cores else "-"
+    keeper = rank_keeper.__file__.replace("$", "$$")
+    return [sys.executable, "-I", "-S", keeper, str(launcher_pid), _LOCAL_RANK_MACRO, str(nproc), spec, *cmd]
 
 
 def _export_node_environment(plan: NodePlan, loopback: bool) -> None:
@@ -258,22 +264,41 @@ def _describe_exit(exitcode: int) -> str:
     return f"exit code {exitcode}"
 
 
-_STOP_SIGNALS = {-int(signal.SIGTERM), -int(signal.SIGINT), -int(signal.SIGKILL)}
+# What a rank's death by these signals usually means, for the failure summary.
+_SIGNAL_HINTS = {
+    int(signal.SIGKILL): "killed from outside the job, possibly by the out-of-memory killer: see `dmesg`, "
+    "or the memory limit of the node or container",
+    int(signal.SIGSEGV): "a crash in native code",
+    int(signal.SIGABRT): "an abort in native code (its message is in the stderr lines below)",
+    int(signal.SIGBUS): "a bad memory access, often a full /dev/shm",
+}
+# The signals torch's agent stops ranks with; SIGKILL only for a rank still running after a 30 s grace period.
+_STOP_SIGNALS = {-int(signal.SIGTERM), -int(signal.SIGINT), -int(signal.SIGHUP)}
+_ESCALATION_S = 20  # a SIGKILL recorded this long after the first failure is the agent's escalation
 
 
 def _root_cause(err, logs) -> tuple[int, object]:
     """The failure that most likely started it all.
 
-    torch orders failures by whole-second timestamps, so a rank that crashed and the peer that then
-    saw "Connection closed by peer" tie. We prefer ranks not stopped by the agent's own signals, then
-    the one whose stderr was written last the earliest (victims write their traceback afterwards).
+    torch's agent lists the ranks it found failed, in its dict of failures, before the ranks it then stopped; so
+    the first entry always failed on its own. A later entry that ended with one of the agent's stop signals, or
+    with a SIGKILL recorded long after the first failure (the agent's escalation), was stopped by the agent.
+    Among ranks that failed on their own in the same poll, a SIGKILL comes first (no rank SIGKILLs itself because
+    a peer failed, while a peer's lost connection can make a rank exit with an error, or even abort), then the
+    one whose stderr was written last the earliest (victims write their "Connection closed" traceback after the
+    crash that caused it).
     """
+    items = list(err.failures.items())
+    first_seen = items[0][1].timestamp
 
-    def key(item):
-        rank, failure = item
-        return (failure.exitcode in _STOP_SIGNALS, logs.last_write(rank), rank)
+    def key(indexed):
+        index, (rank, failure) = indexed
+        killed = failure.exitcode == -int(signal.SIGKILL)
+        escalated = killed and failure.timestamp - first_seen >= _ESCALATION_S
+        stopped = index > 0 and (failure.exitcode in _STOP_SIGNALS or escalated)
+        return (stopped, not killed, logs.last_write(rank), rank)
 
-    return min(err.failures.items(), key=key)
+    return min(enumerate(items), key=key)[1]
 
 
 def _report_failure(err, logs, plan: NodePlan) -> int:
@@ -281,8 +306,9 @@ def _report_failure(err, logs, plan: NodePlan) -> int:
     rank, first = _root_cause(err, logs)
     out = [
         f"[shardwise.launcher] ERROR: rank {rank} (local rank {first.local_rank} on node {plan.node_rank} "
-        f"'{plan.host}', pid {first.pid}) failed with {_describe_exit(first.exitcode)}; "
-        "the other ranks were stopped."
+        f"'{plan.host}', pid {first.pid}) failed with {_describe_exit(first.exitcode)}"
+        + (f" ({_SIGNAL_HINTS[-first.exitcode]})" if -first.exitcode in _SIGNAL_HINTS else "")
+        + "; the other ranks were stopped."
     ]
     if first.error_file and os.path.isfile(first.error_file) and first.message:  # the rank used @record
         out.append(f"  error recorded by rank {rank}: {first.message}")
@@ -319,7 +345,22 @@ def _write_pid_file(save_pid: int) -> str | None:
     return path
 
 
-def _launch_config(args: argparse.Namespace, plan: NodePlan, logs):
+def _reserve_port(args: argparse.Namespace, plan: NodePlan) -> int | None:
+    """With ``--master_port 0``: listen on a free port now and make it the master port; returns the listening
+    descriptor for the rendezvous store (None when the port was given)."""
+    if args.master_port != 0:
+        return None
+    if plan.num_nodes != 1:
+        raise ValueError(
+            f"--master_port 0 (a free port) works only for a single-node job, not {plan.num_nodes} nodes: the other "
+            "nodes must know the port in advance; pass one, e.g. --master_port 29500"
+        )
+    sock = listen_on_free_port(args.master_addr)
+    args.master_port = sock.getsockname()[1]
+    return sock.detach()
+
+
+def _launch_config(args: argparse.Namespace, plan: NodePlan, logs, listen_fd: int | None = None):
     """torch's LaunchConfig for this node: fixed membership, no restarts, our rendezvous and logs."""
     from torch.distributed.launcher.api import LaunchConfig
 
@@ -335,7 +376,7 @@ def _launch_config(args: argparse.Namespace, plan: NodePlan, logs):
         role="default",
         rdzv_endpoint=f"{host}:{args.master_port}",
         rdzv_backend=rendezvous.register(),
-        rdzv_configs={"rank": plan.node_rank, "timeout": rendezvous.DEFAULT_TIMEOUT_SECONDS},
+        rdzv_configs={"rank": plan.node_rank, "timeout": rendezvous.DEFAULT_TIMEOUT_SECONDS, "listen_fd": listen_fd},
         max_restarts=0,
         monitor_interval=0.1,
     )
@@ -348,7 +389,8 @@ def run(args: argparse.Namespace) -> int:
     if args.world_info == "None":
         raise HostfileError("--world_info is required (the shardwise CLI computes it from the hostfile)")
     plan = node_plan(decode_world_info(args.world_info), args.node_rank)
-    cmd = worker_command(args, len(plan.slots))
+    nproc = len(plan.slots)
+    cmd = kept_command(worker_command(args), nproc, bound_cores(args, nproc), os.getpid())
     rank_log_dir = None if args.enable_each_rank_log in ("None", "", None) else args.enable_each_rank_log
     if rank_log_dir:
         _prepare_rank_log_dir(rank_log_dir)
@@ -360,12 +402,13 @@ def run(args: argparse.Namespace) -> int:
     from shardwise.launcher.rank_logs import RankLogs
 
     _match_torch_logging()
+    listen_fd = _reserve_port(args, plan)
     loopback = loopback_address(args.master_addr) is not None
     _export_node_environment(plan, loopback)
     marker = os.environ[_MARKER_VAR] = uuid.uuid4().hex
     work_dir = tempfile.mkdtemp(prefix="shardwise-launch-")
     logs = RankLogs(work_dir, rank_log_dir, time.strftime("%Y%m%d%H%M%S", time.localtime()))
-    config = _launch_config(args, plan, logs)
+    config = _launch_config(args, plan, logs, listen_fd)
     last = plan.first_rank + len(plan.slots) - 1
     logger.info(
         f"node {plan.node_rank}/{plan.num_nodes} ({plan.host}): ranks {plan.first_rank}..{last} of "

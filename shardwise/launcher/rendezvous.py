@@ -4,7 +4,9 @@ torch's built-in ``static`` rendezvous creates its ``TCPStore`` listening on eve
 even for a single-node run. This handler does the same job (fixed node ranks, no etcd, workers reuse
 the agent's store through ``TORCHELASTIC_USE_AGENT_STORE``) but, when the master address is a loopback
 address, binds the listening socket to that address only, so a single-node job opens nothing on the
-network. Multi-node jobs keep torch's behaviour (other nodes must reach the store).
+network. Multi-node jobs keep torch's behaviour (other nodes must reach the store). A single-node launcher that
+chose a free port hands over the socket it already listens on (``listen_fd``), so no other process can take
+the port in between.
 """
 
 from __future__ import annotations
@@ -49,7 +51,8 @@ def _listening_socket(addr: str, port: int) -> socket.socket:
 class LoopbackAwareStaticRendezvous(RendezvousHandler):
     """Fixed-membership rendezvous over a ``TCPStore`` on node 0 (see the module docstring)."""
 
-    def __init__(self, master_addr: str, master_port: int, rank: int, world_size: int, run_id: str, timeout: int):
+    def __init__(self, master_addr: str, master_port: int, rank: int, world_size: int, run_id: str, timeout: int,
+                 listen_fd: int | None = None):
         self.master_addr = master_addr
         self.master_port = master_port
         self.rank = rank
@@ -57,6 +60,7 @@ class LoopbackAwareStaticRendezvous(RendezvousHandler):
         self.run_id = run_id
         self.timeout = datetime.timedelta(seconds=timeout)
         self._store: TCPStore | None = None
+        self._listen_fd = listen_fd
         self._bind = loopback_address(master_addr)
         if self._bind is not None:
             self.master_addr = self._bind  # workers connect to the exact address we listen on
@@ -70,8 +74,10 @@ class LoopbackAwareStaticRendezvous(RendezvousHandler):
 
     def _create_store(self) -> TCPStore:
         is_master = self.rank == 0
-        if is_master and self._bind is not None:
-            sock = _listening_socket(self._bind, self.master_port)
+        if is_master and (self._bind is not None or self._listen_fd is not None):
+            fd, self._listen_fd = self._listen_fd, None
+            if fd is None:
+                fd = _listening_socket(self._bind, self.master_port).detach()
             # TCPStore takes ownership of the descriptor, so Python must not close it too.
             return TCPStore(
                 self.master_addr,
@@ -80,7 +86,7 @@ class LoopbackAwareStaticRendezvous(RendezvousHandler):
                 True,
                 self.timeout,
                 multi_tenant=True,
-                master_listen_fd=sock.detach(),
+                master_listen_fd=fd,
             )
         return TCPStore(self.master_addr, self.master_port, self.world_size, is_master, self.timeout, multi_tenant=True)
 
@@ -119,6 +125,7 @@ def _create(params: RendezvousParameters) -> RendezvousHandler:
         params.max_nodes,
         params.run_id,
         int(params.config.get("timeout", DEFAULT_TIMEOUT_SECONDS)),
+        params.config.get("listen_fd"),
     )
 
 

@@ -113,4 +113,5 @@ def _gather_timeout() -> str:
 
 def test_a_direct_all_gather_that_times_out_names_the_operation() -> None:
     message = run_ranks(_gather_timeout, timeout=30)[0]
-    assert "rank 0: all_gather on group Group(slow-pair, ranks=[0, 1]) timed out" in message
+    assert "rank 0: all_gather #1 on group Group(slow-pair, ranks=[0, 1]) timed out" in message
+    assert "Rank 1 did not arrive" in message  # found through the store (comm/arrivals.py)

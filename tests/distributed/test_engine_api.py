@@ -134,7 +134,7 @@ def _timeout() -> str:
 
 def test_a_collective_that_times_out_names_the_operation_group_and_rank() -> None:
     message = run_ranks(_timeout, timeout=30)[0]
-    assert "rank 0: all_reduce on group Group(slow-pair, ranks=[0, 1]) timed out" in message
+    assert "rank 0: all_reduce #1 on group Group(slow-pair, ranks=[0, 1]) timed out" in message
     assert "same collectives in the same order" in message
 
 

@@ -227,15 +227,60 @@ def test_num_nodes_without_hostfile(cluster, capsys):
     assert code == 2 and "--num_nodes 2 needs a hostfile listing the nodes; none found at missing" in err
 
 
-def test_busy_default_port_picks_a_free_one_but_explicit_busy_port_is_refused(cluster, capsys, monkeypatch):
+def test_single_node_without_master_port_listens_on_a_free_port_and_a_busy_explicit_port_is_refused(
+    cluster, capsys
+):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
         code, _, err = dry_run(capsys, "--num_gpus", "1", "--master_port", str(port), "train.py")
         assert code == 2 and f"--master_port {port} is in use on 127.0.0.1" in err
-        monkeypatch.setattr(cli, "DEFAULT_MASTER_PORT", port)
-        code, (line,), err = dry_run(capsys, "--num_gpus", "1", "train.py")
-    assert code == 0 and f"port {port} is busy" in err
-    chosen = int(line.split("--master_port=")[1].split()[0])
-    assert chosen != port
+    # no --master_port on one node: port 0 = this node's launcher listens on a free port and keeps it (no fixed
+    # 29500 another job may hold, no window between choosing the port and binding it)
+    code, (line,), _ = dry_run(capsys, "--num_gpus", "1", "train.py")
+    assert code == 0 and "--master_port=0 " in line
+    code, (line,), _ = dry_run(capsys, "--num_gpus", "1", "--no_ssh", "--node_rank", "0", "train.py")
+    assert code == 0 and "--master_port=0 " in line
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--master_port", "70000"], "argument --master_port: '70000' is not a TCP port: give a whole number from 1 "
+         "to 65535, or leave --master_port out"),
+        (["--master_port", "0"], "argument --master_port: '0' is not a TCP port"),
+        (["--master_port", "http"], "argument --master_port: 'http' is not a TCP port"),
+        (["--ssh_port", "-22"], "argument --ssh_port: '-22' is not a TCP port"),
+        (["--num_gpus", "-1"], "argument --num_gpus/--num_accelerators: '-1' is not a count: give a whole number "
+         ">= 1, or leave --num_gpus out to use every slot"),
+        (["--num_gpus", "0"], "'0' is not a count"),
+        (["--num_nodes", "-1"], "argument --num_nodes: '-1' is not a count"),
+    ],
+)
+def test_bad_numbers_are_refused_by_name(cluster, capsys, argv, message):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([*argv, "train.py"])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_hostfile_that_is_a_directory_or_not_text_is_an_error_naming_it(cluster, capsys):
+    (cluster / "hosts.d").mkdir()
+    code, _, err = dry_run(capsys, "-H", "hosts.d", "train.py")
+    assert code == 2 and "hostfile hosts.d is a directory; pass the file itself" in err
+    (cluster / "latin1").write_bytes(b"# h\xf4te\nworker-0 slots=2\n")
+    code, _, err = dry_run(capsys, "-H", "latin1", "train.py")
+    assert code == 2 and "hostfile latin1 is not UTF-8 text (byte 3 is 0xf4)" in err
+    (cluster / ".deepspeed_env").write_bytes(b"A=\xff\n")
+    code, _, err = dry_run(capsys, "-H", "hostfile", "train.py")
+    assert code == 2 and f"{cluster / '.deepspeed_env'} is not UTF-8 text (byte 2)" in err
+
+
+def test_excluding_every_slot_is_a_user_facing_error(cluster, capsys):
+    code, _, err = dry_run(capsys, "-H", "hostfile", "--exclude", "worker-0@worker-1@worker-2", "train.py")
+    assert code == 2
+    assert ("--exclude 'worker-0@worker-1@worker-2' leaves no slot to run on (on offer: worker-0:0,1,2,3, "
+            "worker-1:0,1,2,3, worker-2:0,1); exclude fewer slots") in err
+    code, _, err = dry_run(capsys, "-H", "missing", "--exclude", "localhost:0", "--master_port", "29999", "train.py")
+    assert code == 2 and "--exclude 'localhost:0' leaves no slot to run on" in err and "world_info" not in err

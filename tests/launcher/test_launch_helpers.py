@@ -5,6 +5,8 @@ import ast
 import os
 import re
 import shlex
+import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from shardwise.launcher import launch, runners
+from shardwise.launcher import launch, rank_keeper, runners
 from shardwise.launcher.envfile import (
     EnvFileError,
     env_file_paths,
@@ -73,38 +75,60 @@ def _args(*extra):
 
 def test_worker_command_variants():
     py = sys.executable
-    assert launch.worker_command(_args("train.py", "--lr", "1"), 2) == [
+    assert launch.worker_command(_args("train.py", "--lr", "1")) == [
         py, "-u", "train.py", "--local_rank=${local_rank}", "--lr", "1",
     ]  # fmt: skip
-    assert launch.worker_command(_args("--module", "--no_local_rank", "pkg.train"), 2) == [py, "-u", "-m", "pkg.train"]
-    assert launch.worker_command(_args("--no_python", "./run.sh", "a"), 2) == [
+    assert launch.worker_command(_args("--module", "--no_local_rank", "pkg.train")) == [py, "-u", "-m", "pkg.train"]
+    assert launch.worker_command(_args("--no_python", "./run.sh", "a")) == [
         "./run.sh",
         "--local_rank=${local_rank}",
         "a",
     ]
     # a literal '$' survives torch's ${local_rank} expansion (Template turns '$$' back into '$')
-    assert launch.worker_command(_args("t.py", "cost=$5", "${local_rank}"), 1)[-2:] == ["cost=$$5", "$${local_rank}"]
+    assert launch.worker_command(_args("t.py", "cost=$5", "${local_rank}"))[-2:] == ["cost=$$5", "$${local_rank}"]
     with pytest.raises(SystemExit):
         _args("--module", "--no_python", "x")
 
 
-def test_bind_cores_wrapper_pins_and_sets_omp(tmp_path):
+def _as_started(cmd: list[str], local_rank: int) -> list[str]:
+    """What torch runs for ``local_rank``: its macro expanded, ``$$`` back to ``$``."""
+    return [a.replace("${local_rank}", str(local_rank)).replace("$$", "$") for a in cmd]
+
+
+def test_bind_cores_keeper_pins_and_sets_omp():
     cores = sorted(os.sched_getaffinity(0))
-    cmd = launch.worker_command(
-        _args("--bind_cores_to_rank", "--no_python", "--no_local_rank", sys.executable), len(cores)
-    )
-    assert cmd[:2] == [sys.executable, "-c"] and cmd[3:6] == [
-        "${local_rank}",
-        str(len(cores)),
-        ",".join(map(str, cores)),
-    ]
+    args = _args("--bind_cores_to_rank", "--no_python", "--no_local_rank", sys.executable)
+    assert launch.bound_cores(args, len(cores)) == cores
+    assert launch.bound_cores(_args("t.py"), 2) is None
+    cmd = launch.kept_command(launch.worker_command(args), len(cores), cores, os.getpid())
+    assert cmd[:4] == [sys.executable, "-I", "-S", rank_keeper.__file__]
+    assert cmd[4:8] == [str(os.getpid()), "${local_rank}", str(len(cores)), ",".join(map(str, cores))]
     probe = "import os; print(sorted(os.sched_getaffinity(0)), os.environ['OMP_NUM_THREADS'])"
     last = len(cores) - 1
-    argv = [a.replace("${local_rank}", str(last)) for a in cmd] + ["-c", probe]
-    out = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=True).stdout
+    out = subprocess.run([*_as_started(cmd, last), "-c", probe], capture_output=True, text=True, timeout=30,
+                         check=True).stdout
     assert out.strip() == f"[{cores[last]}] 1"
     with pytest.raises(ValueError, match=r"3 ranks but only 2 core\(s\) \[0, 1\]"):
-        launch.worker_command(_args("--bind_cores_to_rank", "--bind_core_list", "0-1", "t.py"), 3)
+        launch.bound_cores(_args("--bind_cores_to_rank", "--bind_core_list", "0-1", "t.py"), 3)
+
+
+@pytest.mark.parametrize(
+    ("code", "expected"),
+    [("raise SystemExit(3)", 3), ("import os, signal; os.kill(os.getpid(), signal.SIGKILL)", -signal.SIGKILL),
+     ("import os, signal; os.kill(os.getpid(), signal.SIGTERM)", -signal.SIGTERM), ("pass", 0)],
+)
+def test_keeper_ends_as_the_rank_ended(code, expected):
+    """The launcher sees the rank's own exit code or signal through the keeper (SIGKILL included)."""
+    cmd = launch.kept_command([sys.executable, "-c", code], 1, None, os.getpid())
+    assert subprocess.run(_as_started(cmd, 0), timeout=30).returncode == expected
+
+
+def test_keeper_refuses_to_start_a_rank_once_its_launcher_is_gone():
+    """A keeper whose parent is not the launcher it was started for (the launcher died before the kernel could be
+    told) kills its group at once instead of starting the rank."""
+    cmd = launch.kept_command([sys.executable, "-c", "print('rank ran')"], 1, None, 1)  # pid 1: not our parent
+    proc = subprocess.run(_as_started(cmd, 0), capture_output=True, text=True, timeout=30, start_new_session=True)
+    assert proc.returncode == -signal.SIGKILL and "rank ran" not in proc.stdout
 
 
 def test_parse_core_list():
@@ -193,3 +217,75 @@ def test_launcher_imports_no_runtime():
                 top = name.split(".")[0]
                 assert top not in {"shardwise"} or name.startswith("shardwise.launcher"), (path.name, name)
                 assert top not in {"psutil", "numpy", "pydantic", "deepspeed"}, (path.name, name)
+
+
+class _Failure:
+    def __init__(self, exitcode: int, timestamp: int = 1000) -> None:
+        self.exitcode, self.timestamp = exitcode, timestamp
+
+
+class _Err:
+    def __init__(self, *failures: tuple[int, _Failure]) -> None:
+        self.failures = dict(failures)  # torch's order: found failed first, then the ranks the agent stopped
+
+
+class _Logs:
+    def __init__(self, last: dict[int, float]) -> None:
+        self.last = last
+
+    def last_write(self, rank: int) -> float:
+        return self.last.get(rank, float("inf"))
+
+
+KILL, TERM, ABRT = -signal.SIGKILL, -signal.SIGTERM, -signal.SIGABRT
+
+
+@pytest.mark.parametrize(
+    ("failures", "last_write", "blamed"),
+    [
+        # the OOM killer takes rank 1; the agent then stops rank 0 (which had written to stderr before)
+        ([(1, _Failure(KILL)), (0, _Failure(TERM))], {0: 5.0}, 1),
+        # same poll: rank 0 saw the connection close and exited 1 (listed first), rank 1 was SIGKILLed
+        ([(0, _Failure(1)), (1, _Failure(KILL))], {0: 9.0}, 1),
+        # same poll: rank 1 raised, rank 0 aborted in gloo on the lost connection afterwards
+        ([(0, _Failure(ABRT)), (1, _Failure(1))], {0: 9.0, 1: 8.0}, 1),
+        # rank 2 raised; rank 0 ignored SIGTERM and was SIGKILLed by the agent 30 s later
+        ([(2, _Failure(1)), (0, _Failure(KILL, 1031)), (1, _Failure(TERM, 1001))], {0: 1.0, 2: 3.0}, 2),
+    ],
+)
+def test_root_cause_is_the_rank_that_failed_on_its_own(failures, last_write, blamed):
+    rank, _ = launch._root_cause(_Err(*failures), _Logs(last_write))
+    assert rank == blamed
+
+
+def test_free_port_is_held_from_its_choice_to_the_store():
+    """``--master_port 0``: the launcher listens on a kernel-chosen port and hands that socket to the store, so no
+    other process can take the port in between (nothing to retry)."""
+    from shardwise.launcher.net import listen_on_free_port
+
+    sock = listen_on_free_port("127.0.0.1")
+    try:
+        addr, port = sock.getsockname()
+        assert addr == "127.0.0.1" and port > 0
+        with socket.socket() as other, pytest.raises(OSError):
+            other.bind(("127.0.0.1", port))  # taken until the store (here: us) closes it
+        with socket.create_connection(("127.0.0.1", port), timeout=10):
+            pass  # it is listening already
+    finally:
+        sock.close()
+    plan = launch.node_plan({"a": [0], "b": [0]}, 0)
+    with pytest.raises(ValueError, match="--master_port 0 \\(a free port\\) works only for a single-node job"):
+        launch._reserve_port(launch.parse_args(["--world_info", "x", "--master_port", "0", "t.py"]), plan)
+
+
+@pytest.mark.parametrize(("text", "ok"), [("1", 1), ("65535", 65535), (" 80 ", 80), ("0", None), ("65536", None),
+                                          ("-1", None), ("8e3", None), ("", None)])
+def test_parse_port(text, ok):
+    from shardwise.launcher.net import PortError, parse_port
+
+    if ok is None:
+        with pytest.raises(PortError, match="is not a TCP port: give a whole number from 1 to 65535"):
+            parse_port(text)
+    else:
+        assert parse_port(text) == ok
+    assert parse_port("0", allow_zero=True) == 0

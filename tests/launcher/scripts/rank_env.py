@@ -1,7 +1,7 @@
 """A rank that joins the gloo group, checks an all-reduce and prints its launch environment.
 
 Printed line: ``RANKINFO {json of string values}``. With CHECK_LISTEN=1 it also prints ``LISTEN ip:port`` for
-every listening TCP socket of itself and its parent (the launcher, which hosts the rendezvous store).
+every listening TCP socket of itself, its keeper and the launcher (which hosts the rendezvous store).
 """
 
 import argparse
@@ -41,7 +41,8 @@ lines = ["RANKINFO " + json.dumps({k: str(v) for k, v in fields.items()})]
 if os.environ.get("CHECK_LISTEN"):
     import psutil
 
-    for proc in (psutil.Process(), psutil.Process().parent()):
+    keeper = psutil.Process().parent()  # the rank's keeper; its parent is the launcher
+    for proc in (psutil.Process(), keeper, keeper.parent()):
         for conn in proc.net_connections("tcp"):
             if conn.status == psutil.CONN_LISTEN:
                 lines.append(f"LISTEN {conn.laddr.ip}:{conn.laddr.port} pid={proc.pid}")
