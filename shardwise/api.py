@@ -15,8 +15,8 @@ from shardwise import comm
 from shardwise.comm.topology import Topology
 from shardwise.config import add_config_arguments, load_config, read_config_dict, sequence_parallel_size
 from shardwise.config.errors import ConfigError
-from shardwise.monitor.utils import check_backends
 from shardwise.config.schema_comms import comms_timeout
+from shardwise.monitor.utils import check_backends
 
 __all__ = ["initialize", "add_config_arguments"]
 

@@ -16,8 +16,8 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field
 
 from .schema_base import AnyDict, Bool, Dtype, Float, PosFloat, PosInt, Section, Str, lowered
-from .schema_data import DataEfficiencyConfig, LegacyCurriculumConfig
 from .schema_comms import CommsConfig
+from .schema_data import DataEfficiencyConfig, LegacyCurriculumConfig
 from .schema_monitor import (
     AioConfig,
     AutotuningConfig,
