@@ -336,6 +336,8 @@ class Stage3Strategy:
 
     def on_grad_ready(self, unit: ParamUnit, index: int) -> None:
         """A parameter's gradient for this backward is complete; reduce the unit once all of them are."""
+        if not self._in_backward:
+            raise hooks.outside_engine_error(unit.shapes[index])
         if unit.grad_full is None:
             unit.attach_grads(self.policy.grad_dtype)
         unit.absorb_grad(index)
