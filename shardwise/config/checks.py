@@ -49,6 +49,10 @@ def _precision_checks(cfg: SectionsConfig) -> list[Problem]:
         problems.append(_p("amp.enabled", f"amp.enabled = true with zero_optimization.stage = {stage}: apex AMP "
                            "cannot be combined with ZeRO (DeepSpeed refuses this too). Fix: use the \"bf16\" or "
                            "\"fp16\" block instead of \"amp\"."))
+    if cfg.torch_autocast.enabled and cfg.zero_optimization.zero_quantized_weights:
+        problems.append(_p("torch_autocast.enabled", "torch_autocast.enabled = true with "
+                           "zero_optimization.zero_quantized_weights = true: quantized weight gathers cannot be "
+                           "combined with autocast (DeepSpeed refuses this too). Fix: turn one of them off."))
     zero_only = (
         ("fp16.fp16_master_weights_and_grads", cfg.fp16.fp16_master_weights_and_grads),
         ("bf16.bf16_master_weights_and_grads", cfg.bf16.bf16_master_weights_and_grads),

@@ -153,6 +153,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.stage", S, note="ZeRO stages 0, 1, 2, 3"),  # zero/stage1-3
     Feature("fp16", S, note="dynamic or static loss scaling, auto_cast"),  # engine/precision.py
     Feature("bf16", S, note="including check_grad_overflow"),  # engine/precision.py
+    Feature("torch_autocast", S, note="enabled, dtype, lower_precision_safe_modules (validated; gradients reduced "
+            "in their own dtype); every ZeRO stage and the pipeline"),  # engine/autocast.py
     Feature("zero_optimization.offload_optimizer.device", S, note='"cpu" and "nvme"'),  # zero/offload.py
     Feature("zero_optimization.offload_param.device", S, note='"cpu" and "nvme" (stage 3)'),  # zero/offload.py
     Feature("zero_optimization.zero_hpz_partition_size", S, note="ZeRO++ hpZ"),  # zero/stage3.py
@@ -243,7 +245,6 @@ FEATURES: tuple[Feature, ...] = (
     Feature("curriculum_learning", W, LEGACY_OFF, _CURRICULUM),  # data/legacy; successor: data_efficiency
     # --- not supported yet ---------------------------------------------------------------------------------
     Feature("amp.enabled", N, OFF, 'apex AMP; use the "bf16" or "fp16" block instead'),  # apex is not a dep
-    Feature("torch_autocast.enabled", N, OFF, 'use the "bf16" or "fp16" block instead'),  # engine/precision.py
     Feature("elasticity.enabled", N, OFF, "set the batch keys for your data-parallel size"),  # elastic agent
     Feature("data_efficiency.data_sampling.dynamic_batching", N, INACTIVE,  # data/
             "variable batch size and LR scaling (DeepSpeed's separate helper functions)"),

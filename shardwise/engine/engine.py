@@ -22,6 +22,7 @@ from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
 from shardwise.data.engine_api import DataEfficiencyMixin
 from shardwise.engine import model_parallel
+from shardwise.engine.autocast import Autocast
 from shardwise.engine.backward_hooks import BackwardHooks
 from shardwise.engine.guards import NonFiniteMonitor, check_unused_parameters
 from shardwise.engine.precision import cast_inputs_half
@@ -66,6 +67,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         self.monitor = self._observer.monitor  # DeepSpeed's MonitorMaster: engine.monitor.write_events(...)
         self._setup_data_efficiency()  # legacy curriculum and random-LTD schedulers (shardwise/data/)
         self._plain_backward = BackwardHooks(self)  # plain loss.backward() == engine.backward(loss)
+        self._autocast = Autocast(config, get_accelerator().device().type)  # torch_autocast (engine/autocast.py)
 
     # -- DeepSpeed's accessors ------------------------------------------------------------------------------------
     @property
@@ -218,7 +220,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         if self._config.fp16.enabled and self._config.fp16.auto_cast:
             inputs = cast_inputs_half(inputs)  # positional inputs only, as DeepSpeed
         kwargs = self._data_efficiency_kwargs(kwargs)  # legacy curriculum_seqlen, random-LTD schedule step
-        with self.timers("forward"):
+        with self.timers("forward"), self._autocast():
             if self.strategy is None or not hasattr(self.strategy, "forward_context"):
                 output = self.module(*inputs, **kwargs)
             else:
