@@ -3,7 +3,7 @@
 Two steps, so that every error comes before any weight is read:
 
 1. ``plan_tensor_parallel(model, tp, ...)`` only looks at module types and shapes (a meta model is enough). It
-   finds each decoder block's attention and MLP projections from the architecture's rule (``architectures.py``)
+   finds each decoder block's attention and MLP projections from the architecture's rule (``shardwise/tp/architectures.py``)
    or a user ``injection_policy``, checks that the heads divide (the error names the model, the head count and
    the valid degrees), checks every projection's shape against its layout, and decides whether the embedding and
    LM head are split along the vocabulary (by size; see ``VOCAB_SPLIT_MIN_ELEMENTS``).
@@ -29,8 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardwise.inference import architectures as A
-from shardwise.inference import layouts as L
 from shardwise.inference.layers import (
     InferenceColumnParallelLinear,
     InferenceGatherLinear,
@@ -38,6 +36,8 @@ from shardwise.inference.layers import (
     InferenceVocabParallelEmbedding,
 )
 from shardwise.inference.loader import LoadTargets, TensorShard
+from shardwise.tp import architectures as A
+from shardwise.tp import layouts as L
 from shardwise.tp.partition import DimSplit
 
 #: integer attributes divided by the degree in blocks named by an ``injection_policy``
