@@ -3,7 +3,7 @@
 Two steps, so that every error comes before any weight is read:
 
 1. ``plan_tensor_parallel(model, tp, ...)`` only looks at module types and shapes (a meta model is enough). It
-   finds each decoder block's attention and MLP projections from the architecture's rule (``shardwise/tp/architectures.py``)
+   finds each decoder block's attention and MLP projections from the architecture's rule (``tp/architectures.py``)
    or a user ``injection_policy``, checks that the heads divide (the error names the model, the head count and
    the valid degrees), checks every projection's shape against its layout, and decides whether the embedding and
    LM head are split along the vocabulary (by size; see ``VOCAB_SPLIT_MIN_ELEMENTS``).

@@ -155,3 +155,53 @@ def _zero3_refused() -> str:
 def test_autotp_with_zero3_is_refused():
     message = run_ranks(_zero3_refused)[0]
     assert "autotp_size = 2" in message and "stage 3" in message and "Fix" in message
+
+
+# -- checkpoints: tp=2 -> tp=1 through the ordinary (universal) load, and full HF weights for from_pretrained -----
+def _train_steps(engine, steps: range) -> list[float]:
+    topo, losses = engine.topology, []
+    for step in steps:
+        ids = batch(step, topo.coord("dp"))
+        loss = engine(input_ids=ids, labels=ids).loss
+        engine.backward(loss)
+        engine.step()
+        total = loss.detach().clone()
+        comm.all_reduce(total, group=topo.dp_group)
+        losses.append(total.item() / topo.size("dp"))
+    return losses
+
+
+def _save_at_tp2(ckpt: str, hf_dir: str) -> dict[str, torch.Tensor]:
+    model = tiny_hf("llama")
+    engine, _, _, _ = shardwise.initialize(model=model, config=ds_config(1, 1, 2))
+    _train_steps(engine, range(STEPS - 1))
+    engine.save_checkpoint(ckpt, tag="tp2")
+    engine.save_16bit_model(hf_dir, "model.safetensors")
+    if comm.get_rank() == 0:
+        model.config.save_pretrained(hf_dir)
+    return full_state_dict(engine.module)
+
+
+def _resume_at_tp1(ckpt: str) -> tuple[list[float], dict[str, torch.Tensor]]:
+    engine, _, _, _ = shardwise.initialize(model=tiny_hf("llama"), config=ds_config(1, 1, None))
+    engine.load_checkpoint(ckpt, tag="tp2")
+    assert engine.global_steps == STEPS - 1
+    losses = _train_steps(engine, range(STEPS - 1, STEPS))
+    return losses, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+def test_autotp_checkpoint_reloads_at_tp1_and_saves_full_hf_weights(tmp_path):
+    ckpt, hf_dir = str(tmp_path / "ckpt"), str(tmp_path / "hf")
+    saved = run_ranks(_save_at_tp2, ckpt, hf_dir)[0]
+    ref_losses, ref_params = reference("llama", 1)
+    losses, params = run_ranks(_resume_at_tp1, ckpt, world_size=1)[0]
+    # the optimizer state (momentum) moved with the weights: the tp=1 step continues the tp=2 run exactly
+    assert_close_rel(losses, ref_losses[-1:], what="tp=1 loss after loading a tp=2 checkpoint")
+    for name, value in params.items():
+        assert_close_rel(value, ref_params[name], what=f"resumed {name}")
+    # save_16bit_model wrote ordinary HF weights: from_pretrained loads them into the unsplit model
+    loaded = transformers.LlamaForCausalLM.from_pretrained(hf_dir, attn_implementation="eager")
+    state = loaded.state_dict()
+    assert state.keys() == saved.keys()
+    for name, value in saved.items():
+        assert torch.equal(state[name], value), name
