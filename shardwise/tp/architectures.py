@@ -93,6 +93,8 @@ class ArchRule:
     alibi: Callable[[Any], bool] = lambda config: False
     #: the projection layout of a fused QKV may depend on the config (Falcon)
     qkv_layout: Callable[[Any], str] | None = None
+    #: (embedding path, LM head path) that declarative plans split along the vocabulary; None: kept whole
+    vocab: tuple[str, str] | None = None
 
 
 #: attribute names that count heads or hold an attention width in every architecture that has them: an attention
@@ -186,6 +188,7 @@ _LLAMA = ArchRule(
     # 4.45 reshapes with num_heads / num_key_value_heads (Qwen2 with hidden_size); 5.x keeps only the groups
     head_attrs={"num_heads": "heads", "num_key_value_heads": "kv_heads", "num_key_value_groups": "kv_groups",
                 "hidden_size": "q_width"},
+    vocab=("model.embed_tokens", "lm_head"),
 )
 
 RULES: dict[str, ArchRule] = {

@@ -34,10 +34,8 @@ from shardwise.comm.topology import Topology
 from shardwise.tp import architectures as A
 from shardwise.tp.layers import ColumnParallelLinear, RowParallelLinear
 from shardwise.tp.partition import partition_sizes
-from shardwise.tp.plans import matches
+from shardwise.tp.resolve import ResolveError, grain_of, head_info, resolve_projections
 
-#: HF tp_plan styles AutoTP training maps onto its layers; any other style falls back to the architecture table
-HF_STYLES = {"colwise": "column", "rowwise": "row"}
 #: attention attributes of a model without a table entry (LLaMA-like naming)
 DEFAULT_HEAD_ATTRS = {"num_heads": "heads", "num_key_value_heads": "kv_heads", "num_key_value_groups": "kv_groups"}
 #: layouts training can split (a fused multi-query QKV replicates K/V, and a Conv1D stores its weight transposed)
@@ -103,15 +101,6 @@ def _model_name(model: nn.Module) -> str:
     return f"{path} ({type(model).__name__})" if path else type(model).__name__
 
 
-def _generic_heads(config: Any) -> A.HeadInfo:
-    heads = getattr(config, "num_attention_heads", None)
-    if not isinstance(heads, int):
-        raise AutoTPTrainingError(f"the model's config ({type(config).__name__}) has no num_attention_heads, so "
-                                  "AutoTP cannot keep attention heads whole; use a model whose config has it")
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    return A.HeadInfo(heads, kv, getattr(config, "head_dim", None) or config.hidden_size // heads, "gqa")
-
-
 def check_heads(info: A.HeadInfo, tp: int, name: str) -> None:
     """Refuse a degree that would cut a key/value head or separate it from its query heads."""
     kv = 1 if info.kv_mode == "mqa" else info.num_kv_heads
@@ -126,70 +115,6 @@ def check_heads(info: A.HeadInfo, tp: int, name: str) -> None:
             f"Fix: set autotp_size to a value from 1 to {kv}, and use the other ranks for data parallelism (ZeRO)")
 
 
-def _grain(layout: str, info: A.HeadInfo, mlp_grain: int) -> int:
-    d, group = info.head_dim, info.num_heads // info.num_kv_heads
-    return {"heads": group * d, "kv": d, "mlp": mlp_grain, "qkv_per_head": 3 * d,
-            "qkv_grouped": (group + 2) * d}[layout]
-
-
-def _base_prefix(model: nn.Module) -> str:
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    if prefix and isinstance(getattr(model, prefix, None), nn.Module):
-        return prefix + "."
-    return ""
-
-
-def _hf_styles(model: nn.Module, config: Any) -> dict[str, str] | None:
-    """``{module path: "column" | "row"}`` from ``config.base_model_tp_plan``, or None when the model has no plan
-    or uses a style AutoTP training does not map (then the architecture table decides)."""
-    plan = getattr(config, "base_model_tp_plan", None)
-    if not isinstance(plan, Mapping) or not plan:
-        return None
-    if any(str(style) not in HF_STYLES for style in plan.values()):
-        return None
-    prefix = _base_prefix(model)
-    out = {}
-    for path, module in model.named_modules():
-        if not path.startswith(prefix):
-            continue
-        rel = path[len(prefix):]
-        style = next((HF_STYLES[s] for p, s in plan.items() if matches(p, rel)), None)
-        if style is not None and isinstance(module, nn.Linear):
-            out[path] = style
-    return out or None
-
-
-def _table_styles(model: nn.Module, rule: A.ArchRule, config: Any) -> dict[str, tuple[str, str]]:
-    """``{module path: (style, layout)}`` from the architecture table."""
-    try:
-        blocks = model.get_submodule(rule.blocks)
-    except AttributeError:
-        raise AutoTPTrainingError(f"{_model_name(model)}: no decoder blocks at {rule.blocks!r}; this transformers "
-                                  "version lays the model out differently") from None
-    qkv = rule.qkv_layout(config) if rule.qkv_layout else None
-    return {f"{rule.blocks}.{i}.{p.path}": (p.style, qkv if p.layout == "qkv" else p.layout)
-            for i in range(len(blocks)) for p in rule.projections}
-
-
-def _layout_by_size(style: str, module: nn.Linear, info: A.HeadInfo) -> str:
-    features = module.out_features if style == "column" else module.in_features
-    if features == info.num_heads * info.head_dim:
-        return "heads"
-    if style == "column" and features == info.num_kv_heads * info.head_dim:
-        return "kv"
-    return "mlp"
-
-
-def _layout_from_table(path: str, rule: A.ArchRule | None, config: Any) -> str | None:
-    if rule is None:
-        return None
-    qkv = rule.qkv_layout(config) if rule.qkv_layout else None
-    for p in rule.projections:
-        if path.endswith("." + p.path):
-            return qkv if p.layout == "qkv" else p.layout
-    return None
-
-
 def plan_training(model: nn.Module, tp: int, *, mlp_grain: int = 1) -> TrainingPlan:
     """Decide how to split ``model`` over ``tp`` ranks for training; raises ``AutoTPTrainingError`` first."""
     name = _model_name(model)
@@ -199,7 +124,10 @@ def plan_training(model: nn.Module, tp: int, *, mlp_grain: int = 1) -> TrainingP
                                   "For other models, apply a shardwise.tp plan (shardwise.tp.apply_plan) and pass "
                                   "mpu=shardwise.tp.ModelParallelUnit(topology) to initialize")
     rule = A.rule_for(config)
-    info = rule.heads(config) if rule is not None else _generic_heads(config)
+    try:
+        info = head_info(config)
+    except ResolveError as exc:
+        raise AutoTPTrainingError(f"{name}: {exc}") from None
     plan = TrainingPlan(tp, name, "none", info)
     if tp == 1:
         return plan
@@ -208,21 +136,11 @@ def plan_training(model: nn.Module, tp: int, *, mlp_grain: int = 1) -> TrainingP
         raise AutoTPTrainingError(f"{name}: model_type {config.model_type!r} uses ALiBi position biases computed for "
                                   "all heads, which AutoTP training does not cut per rank yet; use "
                                   "autotp_size=1 with ZeRO, or inference auto-TP")
-    hf = _hf_styles(model, config)
-    if hf is not None:
-        plan.source = "hf:base_model_tp_plan"
-        chosen = {p: (s, _layout_from_table(p, rule, config) or _layout_by_size(s, model.get_submodule(p), info))
-                  for p, s in hf.items()}
-    elif rule is not None:
-        plan.source = f"table:{config.model_type}"
-        chosen = _table_styles(model, rule, config)
-    else:
-        raise AutoTPTrainingError(
-            f"{name}: model_type {getattr(config, 'model_type', None)!r} has neither a base_model_tp_plan in its "
-            f"config nor an AutoTP rule (known: {', '.join(A.supported_model_types())}). Fix: set "
-            "config.base_model_tp_plan = {'layers.*.self_attn.q_proj': 'colwise', ..., "
-            "'layers.*.mlp.down_proj': 'rowwise'}, or train it with ZeRO only")
-    for path, (style, layout) in chosen.items():
+    try:
+        plan.source, chosen = resolve_projections(model, config, info)
+    except ResolveError as exc:
+        raise AutoTPTrainingError(f"{name}: {exc}, or train it with ZeRO only") from None
+    for path, style, layout in chosen:
         plan.projections.append(_plan_proj(model, plan, path, style, layout, mlp_grain))
     _plan_attention(model, plan, rule, config)
     return plan
@@ -237,7 +155,7 @@ def _plan_proj(model: nn.Module, plan: TrainingPlan, path: str, style: str, layo
     if layout not in TRAINABLE_LAYOUTS:
         raise AutoTPTrainingError(f"{plan.model_name}: {path} has the fused layout {layout!r}, which AutoTP "
                                   f"training cannot split (it supports {', '.join(TRAINABLE_LAYOUTS)})")
-    grain = _grain(layout, plan.info, mlp_grain)
+    grain = grain_of(layout, plan.info, mlp_grain)
     features = module.out_features if style == "column" else module.in_features
     if features % grain or features // grain < plan.tp:
         side = "output" if style == "column" else "input"

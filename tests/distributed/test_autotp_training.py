@@ -205,3 +205,33 @@ def test_autotp_checkpoint_reloads_at_tp1_and_saves_full_hf_weights(tmp_path):
     assert state.keys() == saved.keys()
     for name, value in saved.items():
         assert torch.equal(state[name], value), name
+
+
+# -- one plan system: declarative plans (plan_for) and AutoTP's plan come from the same resolver ------------------
+def _plans_keep_logits(names: list[str]) -> dict[str, float]:
+    from shardwise.comm.topology import Topology
+    from shardwise.tp import apply_plan, plan_for
+    from shardwise.tp.autotp import apply_training_plan, plan_training
+    from tests.inference_models import tiny_config
+
+    topo, worst = Topology(tp=2), {}
+    x = torch.randint(0, 100, (2, 8), generator=torch.Generator().manual_seed(1))
+    for name in names:
+        config = tiny_config(name)
+        config._attn_implementation = "eager"
+        torch.manual_seed(0)
+        full = transformers.AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            before = full(x).logits
+        declarative, trained = copy.deepcopy(full), copy.deepcopy(full)
+        apply_plan(declarative, plan_for(declarative), topo)
+        apply_training_plan(trained, plan_training(trained, 2), topo.tp_group)
+        with torch.no_grad():
+            worst[name] = max((m(x).logits - before).abs().max().item() for m in (declarative, trained))
+    return worst
+
+
+def test_declarative_and_autotp_plans_keep_logits_for_table_architectures():
+    names = ["llama", "qwen2", "opt", "gpt_neox", "gptj"]
+    for rank_result in run_ranks(_plans_keep_logits, names):
+        assert all(err < 1e-4 for err in rank_result.values()), rank_result
