@@ -238,3 +238,34 @@ def test_declarative_and_autotp_plans_keep_logits_for_table_architectures():
     names = ["llama", "qwen2", "opt", "gpt_neox", "gptj", "falcon_grouped"]  # Falcon: AutoTP's plan only
     for rank_result in run_ranks(_plans_keep_logits, names):
         assert all(err < 1e-4 for err in rank_result.values()), rank_result
+
+
+def _refusals() -> dict[str, str]:
+    from shardwise.comm.topology import Topology
+    from shardwise.tp import ModelParallelUnit
+
+    out = {}
+    cases = {
+        "size mismatch": lambda: shardwise.initialize(
+            model=shardwise.tp_model_init(tiny_hf("llama"), 2), config=ds_config(1, 1, 4)),
+        "zero3 after tp_model_init": lambda: shardwise.initialize(
+            model=shardwise.tp_model_init(tiny_hf("llama"), 2), config=ds_config(3, 1, None)),
+        "mpu": lambda: shardwise.initialize(model=tiny_hf("llama"), config=ds_config(1, 1, 2),
+                                            mpu=ModelParallelUnit(Topology(tp=2))),
+        "twice": lambda: shardwise.tp_model_init(shardwise.tp_model_init(tiny_hf("llama"), 2), 2),
+    }
+    for name, call in cases.items():
+        try:
+            call()
+            out[name] = "no error"
+        except ValueError as exc:
+            out[name] = str(exc)
+    return out
+
+
+def test_autotp_misuse_is_refused_with_the_fix():
+    out = run_ranks(_refusals)[0]
+    assert "autotp_size = 4" in out["size mismatch"] and "over 2 ranks" in out["size mismatch"]
+    assert "stage 3" in out["zero3 after tp_model_init"] and "Fix" in out["zero3 after tp_model_init"]
+    assert "mpu" in out["mpu"] and "Fix" in out["mpu"]
+    assert "already split" in out["twice"]
