@@ -7,7 +7,7 @@
    ``ColumnParallelLinear`` (q/k/v, gate/up, fused QKV: output features split) and which ``RowParallelLinear``
    (attention output, MLP down: input features split, then all-reduced), and the per-rank head counts the
    attention modules must hold. Which modules and which style: the model's own ``config.base_model_tp_plan``
-   (transformers >= 4.50) when it has one, else the architecture table of ``architectures.py`` (shared with
+   (recent transformers releases) when it has one, else the architecture table of ``architectures.py`` (shared with
    inference auto-TP). How each dimension is cut: by key/value groups (a rank owns whole key/value heads and the
    query heads that attend to them), so the split may be uneven (5 KV heads on 2 ranks: 3 + 2) but never cuts a
    head or separates a query head from its key/value head.
@@ -35,6 +35,7 @@ from shardwise.tp import architectures as A
 from shardwise.tp.layers import ColumnParallelLinear, RowParallelLinear
 from shardwise.tp.partition import partition_sizes
 from shardwise.tp.resolve import ResolveError, grain_of, head_info, resolve_projections
+from shardwise.utils.logging import log_dist
 
 #: attention attributes of a model without a table entry (LLaMA-like naming)
 DEFAULT_HEAD_ATTRS = {"num_heads": "heads", "num_key_value_heads": "kv_heads", "num_key_value_groups": "kv_groups"}
@@ -231,6 +232,7 @@ def autotp_split(model: nn.Module, topology: Topology, *, mlp_grain: int = 1) ->
     plan = plan_training(model, topology.size("tp"), mlp_grain=mlp_grain)
     apply_training_plan(model, plan, topology.tp_group)
     _APPLIED[model] = topology
+    log_dist(plan.summary(), ranks=[0])
     return plan
 
 
