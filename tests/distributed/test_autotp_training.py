@@ -182,19 +182,25 @@ def _save_at_tp2(ckpt: str, hf_dir: str) -> dict[str, torch.Tensor]:
     return full_state_dict(engine.module)
 
 
-def _resume_at_tp1(ckpt: str) -> tuple[list[float], dict[str, torch.Tensor]]:
-    engine, _, _, _ = shardwise.initialize(model=tiny_hf("llama"), config=ds_config(1, 1, None))
-    engine.load_checkpoint(ckpt, tag="tp2")
+def _resume(ckpt: str, tag: str, tp: int | None) -> tuple[list[float], dict[str, torch.Tensor]]:
+    engine, _, _, _ = shardwise.initialize(model=tiny_hf("llama"), config=ds_config(1, 1, tp))
+    engine.load_checkpoint(ckpt, tag=tag)
     assert engine.global_steps == STEPS - 1
     losses = _train_steps(engine, range(STEPS - 1, STEPS))
-    return losses, {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+    return losses, full_state_dict(engine.module)
+
+
+def _save_at_tp1(ckpt: str) -> None:
+    engine, _, _, _ = shardwise.initialize(model=tiny_hf("llama"), config=ds_config(1, 1, None))
+    _train_steps(engine, range(STEPS - 1))
+    engine.save_checkpoint(ckpt, tag="tp1")
 
 
 def test_autotp_checkpoint_reloads_at_tp1_and_saves_full_hf_weights(tmp_path):
     ckpt, hf_dir = str(tmp_path / "ckpt"), str(tmp_path / "hf")
     saved = run_ranks(_save_at_tp2, ckpt, hf_dir)[0]
     ref_losses, ref_params = reference("llama", 1)
-    losses, params = run_ranks(_resume_at_tp1, ckpt, world_size=1)[0]
+    losses, params = run_ranks(_resume, ckpt, "tp2", None, world_size=1)[0]
     # the optimizer state (momentum) moved with the weights: the tp=1 step continues the tp=2 run exactly
     assert_close_rel(losses, ref_losses[-1:], what="tp=1 loss after loading a tp=2 checkpoint")
     for name, value in params.items():
@@ -269,3 +275,13 @@ def test_autotp_misuse_is_refused_with_the_fix():
     assert "stage 3" in out["zero3 after tp_model_init"] and "Fix" in out["zero3 after tp_model_init"]
     assert "mpu" in out["mpu"] and "Fix" in out["mpu"]
     assert "already split" in out["twice"]
+
+
+def test_autotp_loads_a_tp1_checkpoint_at_tp2(tmp_path):
+    ckpt = str(tmp_path / "ckpt")
+    run_ranks(_save_at_tp1, ckpt, world_size=1)
+    ref_losses, ref_params = reference("llama", 1)
+    for losses, params in run_ranks(_resume, ckpt, "tp1", 2):
+        assert_close_rel(losses, ref_losses[-1:], what="tp=2 loss after loading a tp=1 checkpoint")
+        for name, value in params.items():
+            assert_close_rel(value, ref_params[name], what=f"resumed {name}")
