@@ -25,6 +25,7 @@ _LAZY = {
     "DeepSpeedEngine": ("shardwise.engine", "Engine"),
     "Engine": ("shardwise.engine", "Engine"),
     "ShardwiseConfig": ("shardwise.config", "ShardwiseConfig"),
+    "tp_model_init": ("shardwise.tp.autotp", "tp_model_init"),
 }
 _SUBMODULES = {"zero", "checkpointing", "pipe", "comm", "ops", "utils", "runtime", "accelerator", "inference",
                "config", "moe", "sequence", "tp", "sp", "checkpoint", "launcher", "models", "monitor", "profiling"}
