@@ -22,6 +22,7 @@ from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
 from shardwise.data.engine_api import DataEfficiencyMixin
 from shardwise.engine import model_parallel
+from shardwise.engine.deepspeed_surface import DeepSpeedSurfaceMixin
 from shardwise.engine.guards import NonFiniteMonitor, check_unused_parameters
 from shardwise.engine.precision import cast_inputs_half
 from shardwise.engine.step_log import StepLog
@@ -35,7 +36,7 @@ class EngineUsageError(RuntimeError, AssertionError):
     an AssertionError too, as DeepSpeed raises for these."""
 
 
-class Engine(DataEfficiencyMixin, nn.Module):
+class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
     """A model wrapped for distributed training (``deepspeed.DeepSpeedEngine``); curriculum learning and random-LTD
     methods come from ``shardwise.data.engine_api``."""
 
@@ -50,6 +51,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         self.lr_scheduler = lr_scheduler
         self.training_dataloader = training_dataloader
         self.optimizer = strategy.optimizer if strategy is not None else None
+        self._record_overflow(False)
         self.global_steps = 0
         self.global_samples = 0
         self.micro_steps = 0
@@ -263,6 +265,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         norm = self._global_norm()
         scale = self._grad_scale_factor()
         overflow = self._nonfinite.on_norm(norm, self.global_steps + 1)  # the same on every rank: norm is reduced
+        self._record_overflow(overflow)
         if overflow:
             self.skipped_steps += 1
             self.scaler.update(True)

@@ -1,0 +1,71 @@
+"""An unchanged-style Hugging Face Trainer script (it imports no shardwise): trains a tiny local Llama and writes
+its per-step losses (rank 0) to ``--out``/losses.json. Run under ``shardwise --num_gpus 2 ... --deepspeed cfg``
+or plainly (no ``--deepspeed``) as the single-process reference."""
+
+import argparse
+import json
+import os
+
+import torch
+from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+
+
+class TokenDataset(torch.utils.data.Dataset):
+    def __init__(self, n: int, seq: int, vocab: int) -> None:
+        g = torch.Generator().manual_seed(1234)
+        self.ids = torch.randint(0, vocab, (n, seq), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class Losses(TrainerCallback):
+    def __init__(self) -> None:
+        self.losses: list[float] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append(float(logs["loss"]))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--model", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--deepspeed", default=None)
+    p.add_argument("--local_rank", type=int, default=-1)
+    p.add_argument("--batch", type=int, default=2)
+    p.add_argument("--gas", type=int, default=1)
+    p.add_argument("--steps", type=int, default=4)
+    p.add_argument("--lr_scheduler_type", default="constant")
+    p.add_argument("--warmup_steps", type=int, default=0)
+    p.add_argument("--save_steps", type=int, default=0)
+    p.add_argument("--resume", default=None)
+    p.add_argument("--save_model", action="store_true")
+    a = p.parse_args()
+    args = TrainingArguments(
+        output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=a.gas,
+        max_steps=a.steps, learning_rate=1e-3, weight_decay=0.01, lr_scheduler_type=a.lr_scheduler_type,
+        warmup_steps=a.warmup_steps, logging_steps=1, report_to=[], seed=7, deepspeed=a.deepspeed,
+        save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, use_cpu=True,
+        dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
+    )
+    model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    losses = Losses()
+    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(64, 16, model.config.vocab_size),
+                      callbacks=[losses])
+    trainer.train(resume_from_checkpoint=a.resume)
+    if a.save_model:
+        trainer.save_model(os.path.join(a.out, "final"))
+    if args.process_index == 0:
+        info = {"losses": losses.losses, "world": args.world_size,
+                "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+        with open(os.path.join(a.out, "result.json"), "w") as f:
+            json.dump(info, f)
+
+
+if __name__ == "__main__":
+    main()
