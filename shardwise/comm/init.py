@@ -65,7 +65,7 @@ def init_distributed(
                         ("MASTER_PORT", env.master_port)):
         os.environ.setdefault(name, str(value))
     accelerator = get_accelerator()
-    backend = dist_backend or accelerator.communication_backend_name()
+    backend = dist_backend or default_backend(accelerator.communication_backend_name())
     timeout, _ = resolve_timeout(timeout)
     if accelerator.device_name() != "cpu":
         accelerator.set_device(env.local_rank)
@@ -111,6 +111,19 @@ def check_world_matches(group_size: int, environ: Mapping[str, str] | None = Non
             "every rank would train alone on unsharded data. Initialise with the launcher's environment "
             "(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or unset WORLD_SIZE for a single-process run"
         )
+
+
+def default_backend(accelerator_backend: str) -> str:
+    """The backend string for ``init_process_group`` when the user names none.
+
+    On CUDA the default group is ``cpu:gloo,cuda:nccl``: nccl for device tensors, and gloo for the few CPU tensors
+    shardwise exchanges by design (step-log scalars, checkpoint fingerprints and full-value gathers, pipeline
+    metadata), which nccl alone refuses (``No backend type associated with device type cpu``). Sub-groups inherit it.
+    Other accelerators' backends are used as they are. ``dist_backend="nccl"`` still gives plain nccl.
+    """
+    if accelerator_backend == "nccl":
+        return "cpu:gloo,cuda:nccl"
+    return accelerator_backend
 
 
 def oversubscription_hint(local_ranks: int) -> str | None:
