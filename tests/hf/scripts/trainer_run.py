@@ -8,6 +8,7 @@ import os
 
 import torch
 from transformers import LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments
+from transformers.trainer_pt_utils import get_model_param_count
 
 
 class TokenDataset(torch.utils.data.Dataset):
@@ -54,6 +55,9 @@ def main() -> None:
         dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
     )
     model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32)
+    loaded = list(model.parameters())  # under ZeRO-3, from_pretrained builds them in zero.Init: ds_* set already
+    zero_init = all(hasattr(p, "ds_id") and p.numel() == 0 for p in loaded) if a.deepspeed else False
+    loaded_numel = sum(getattr(p, "ds_numel", p.numel()) for p in loaded)
     losses = Losses()
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(64, 16, model.config.vocab_size),
                       callbacks=[losses])
@@ -62,7 +66,8 @@ def main() -> None:
         trainer.save_model(os.path.join(a.out, "final"))
     if args.process_index == 0:
         info = {"losses": losses.losses, "world": args.world_size,
-                "trainable": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)}
+                "trainable": get_model_param_count(trainer.model, trainable_only=True),
+                "zero_init": zero_init, "loaded_numel": loaded_numel}
         with open(os.path.join(a.out, "result.json"), "w") as f:
             json.dump(info, f)
 
