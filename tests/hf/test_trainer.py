@@ -65,3 +65,15 @@ def test_trainer_zero3_accumulation_save_and_resume(tiny_llama: str, reference, 
     resumed = run_script("trainer_run.py", [*common, "--out", str(tmp_path / "resumed"), "--resume",
                                             str(checkpoint)], tmp_path, config=ds_config(3))
     assert _close(resumed["losses"], z3["losses"][2:], tol=1e-6), (resumed["losses"], z3["losses"])
+
+
+def test_peft_lora_on_zero3_trains_the_adapters_only(tiny_llama: str, tmp_path: Path) -> None:
+    ref = run_script("trainer_run.py", ["--model", tiny_llama, "--out", str(tmp_path / "ref"), "--batch", "4",
+                                        "--lora"], tmp_path, ranks=None)
+    z3 = run_script("trainer_run.py", ["--model", tiny_llama, "--out", str(tmp_path / "z3"), "--batch", "2",
+                                       "--lora"], tmp_path, config=ds_config(3))
+    assert z3["zero_init"]
+    # PEFT's own count (ds_numel of the partitioned base) and Trainer's: adapters trainable, base frozen
+    assert z3["lora_counts"] == ref["lora_counts"] and ref["lora_counts"][0] < ref["lora_counts"][1]
+    assert z3["trainable"] == ref["trainable"] == ref["lora_counts"][0] and z3["total"] == ref["total"]
+    assert _close(z3["losses"], ref["losses"]), (z3["losses"], ref["losses"])

@@ -46,6 +46,7 @@ def main() -> None:
     p.add_argument("--save_steps", type=int, default=0)
     p.add_argument("--resume", default=None)
     p.add_argument("--save_model", action="store_true")
+    p.add_argument("--lora", action="store_true")
     a = p.parse_args()
     args = TrainingArguments(
         output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=a.gas,
@@ -58,6 +59,14 @@ def main() -> None:
     loaded = list(model.parameters())  # under ZeRO-3, from_pretrained builds them in zero.Init: ds_* set already
     zero_init = all(hasattr(p, "ds_id") and p.numel() == 0 for p in loaded) if a.deepspeed else False
     loaded_numel = sum(getattr(p, "ds_numel", p.numel()) for p in loaded)
+    lora_counts = None
+    if a.lora:
+        from peft import LoraConfig, get_peft_model
+
+        torch.manual_seed(11)  # same adapters in every run (loading may draw from the RNG differently under ZeRO-3)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                 lora_dropout=0.0, init_lora_weights="gaussian"))
+        lora_counts = list(model.get_nb_trainable_parameters())
     losses = Losses()
     trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(64, 16, model.config.vocab_size),
                       callbacks=[losses])
@@ -67,7 +76,8 @@ def main() -> None:
     if args.process_index == 0:
         info = {"losses": losses.losses, "world": args.world_size,
                 "trainable": get_model_param_count(trainer.model, trainable_only=True),
-                "zero_init": zero_init, "loaded_numel": loaded_numel}
+                "zero_init": zero_init, "loaded_numel": loaded_numel, "lora_counts": lora_counts,
+                "total": get_model_param_count(trainer.model, trainable_only=False)}
         with open(os.path.join(a.out, "result.json"), "w") as f:
             json.dump(info, f)
 
