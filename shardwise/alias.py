@@ -19,8 +19,8 @@ import sys
 import types
 from collections.abc import Sequence
 
-__all__ = ["ALIAS", "DEEPSPEED_VERSION", "TARGET", "DeepSpeedAliasFinder", "compat_version", "install", "installed",
-           "target_name", "uninstall"]
+__all__ = ["ALIAS", "DEEPSPEED_VERSION", "MARKER", "TARGET", "DeepSpeedAliasFinder", "compat_version",
+           "describe_import_deepspeed", "install", "installed", "target_name", "uninstall"]
 
 ALIAS = "deepspeed"
 TARGET = "shardwise"
@@ -103,3 +103,34 @@ def uninstall() -> None:
         if (name == ALIAS or name.startswith(ALIAS + ".")) and module is not None:
             if getattr(module, "__name__", "").split(".")[0] == TARGET:
                 del sys.modules[name]
+
+
+MARKER = "_alias.install()"  # what the launcher's shim and compat/deepspeed's __init__ run
+
+
+def describe_import_deepspeed() -> str:
+    """Which implementation ``import deepspeed`` gives in this environment, without importing it: shardwise
+    (through this process's alias, the launcher's shim or the ``compat/deepspeed`` package), a real DeepSpeed,
+    or nothing. Used by ``shardwise-report`` / ``ds_report``."""
+    import importlib.metadata
+    import importlib.util
+
+    if installed():
+        return "shardwise (aliased in this process)"
+    versions = sorted({d.version for d in importlib.metadata.distributions() if d.metadata["Name"] == ALIAS})
+    dist_text = f"distribution {', '.join(versions)}" if versions else "no deepspeed distribution metadata"
+    try:
+        spec = importlib.util.find_spec(ALIAS)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None or not spec.origin:
+        return (f"nothing ({dist_text}): run through the `shardwise`/`deepspeed` launcher, or "
+                "`pip install ./compat/deepspeed` for torchrun / accelerate launch")
+    try:
+        with open(spec.origin) as f:
+            ours = MARKER in f.read()
+    except OSError:
+        ours = False
+    if ours:
+        return f"shardwise ({dist_text}; {spec.origin})"
+    return f"a real DeepSpeed, not shardwise ({dist_text}; {spec.origin})"
