@@ -1,5 +1,5 @@
-"""Tensor and sequence parallelism through the real transformers Trainer on shardwise, reached as DeepSpeed with the
-script unchanged (``shardwise --num_gpus 2 train.py --deepspeed cfg.json``):
+"""Tensor and sequence parallelism through the real transformers Trainer and Accelerate on shardwise, reached as
+DeepSpeed with the script unchanged (``shardwise --num_gpus 2 train.py --deepspeed cfg.json``):
 
 * AutoTP: ``"tensor_parallel": {"autotp_size": 2}`` in the DeepSpeed config (Trainer calls ``deepspeed.tp_model_init``,
   accelerate gives both tensor ranks the same batch). With 2 ranks the data-parallel size is 1, so the losses equal
@@ -10,6 +10,7 @@ script unchanged (``shardwise --num_gpus 2 train.py --deepspeed cfg.json``):
   token-weighted loss over the sequence group). Each rank's model sees half of every sequence; the losses and
   gradient norms equal one process on the full sequences, under ZeRO-2 and ZeRO-3, with ignored (-100) labels.
 * Both at once is refused with an error naming both settings and the fix.
+* Accelerate's own loop (``prepare(model, optimizer, dataloader)``) with either, ``get_state_dict`` gathering.
 """
 
 from __future__ import annotations
@@ -97,3 +98,45 @@ def test_trainer_autotp_with_ulysses_is_refused_clearly(tiny_llama: str, tmp_pat
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "tensor_parallel.autotp_size" in text and "sp_size" in text and "Fix:" in text, text[-4000:]
+
+
+# -- Accelerate's own loop: prepare(model, optimizer, dataloader) --------------------------------------------------
+def _acc_config(stage: int, tp: int = 1) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "train_batch_size": "auto", "gradient_accumulation_steps": 1,
+           "gradient_clipping": 1.0, "zero_optimization": {"stage": stage,
+                                                          "stage3_gather_16bit_weights_on_model_save": True}}
+    if tp > 1:
+        cfg["tensor_parallel"] = {"autotp_size": tp}
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def acc_reference(tiny_llama: str, tmp_path_factory) -> tuple[dict, Path]:
+    tmp = tmp_path_factory.mktemp("acc_tp_sp_ref")
+    out = tmp / "ref"
+    out.mkdir()
+    return run_script("accelerate_tp_sp.py", ["--model", tiny_llama, "--out", str(out)], tmp, ranks=None), out
+
+
+@pytest.mark.parametrize("mode", ["tp", "sp"])
+def test_accelerate_loop_autotp_and_ulysses_match_single_process(mode: str, tiny_llama: str, acc_reference,
+                                                                 tmp_path: Path) -> None:
+    """AutoTP from the config (``initialize`` splits the model; the AdamW made before ``prepare`` keeps training
+    the split parameters) and Ulysses from ``ParallelismConfig`` (``prepare`` wraps the data loader): losses, norms
+    and ``get_state_dict`` (gathered full weights) equal one process."""
+    import torch
+
+    ref, ref_out = acc_reference
+    out = tmp_path / mode
+    out.mkdir()
+    args = ["--model", tiny_llama, "--out", str(out)] + (["--sp", "2"] if mode == "sp" else [])
+    got = run_script("accelerate_tp_sp.py", args, tmp_path, config=_acc_config(1 if mode == "tp" else 2,
+                                                                               tp=2 if mode == "tp" else 1))
+    assert got["world"] == 2 and got["seen_lengths"] == ([8] if mode == "sp" else [16])
+    assert _close(got["losses"], ref["losses"]), (got["losses"], ref["losses"])
+    assert _close(got["norms"], ref["norms"]), (got["norms"], ref["norms"])
+    state = torch.load(out / "state_dict.pt", weights_only=True)
+    expected = torch.load(ref_out / "state_dict.pt", weights_only=True)
+    assert sorted(state) == sorted(expected)
+    for name, value in expected.items():
+        assert state[name].shape == value.shape and (state[name] - value).abs().max() < 1e-5, name
