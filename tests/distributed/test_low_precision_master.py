@@ -116,3 +116,31 @@ def test_refusals_name_the_key_and_fix(cfg: dict, words: list[str]) -> None:
     message = run_ranks(_refused, cfg)[0]
     for word in words:
         assert word in message, message
+
+
+def _resume(cfg: dict, path: str, load: bool) -> list[float]:
+    engine, _, _, _ = shardwise.initialize(model=tiny_transformer(seed=0), config=cfg)
+    rank = engine.topology.coord("dp")
+    start = 0
+    if load:
+        engine.load_checkpoint(path)
+        start = 3
+    losses = []
+    for step in range(start, 5):
+        if step == 3 and not load:
+            engine.save_checkpoint(path)
+        x, y = rank_batch(step % 4, rank, kind="gpt")
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        if step >= 3:
+            losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_resume_with_bf16_masters_is_exact(stage: int, tmp_path) -> None:
+    cfg = _cfg(stage, master16=True, states16=True)
+    first = run_ranks(_resume, cfg, str(tmp_path), False)
+    second = run_ranks(_resume, cfg, str(tmp_path), True)
+    assert first == second
