@@ -33,6 +33,11 @@ def cross_checks(cfg: SectionsConfig) -> list[Problem]:
                            f"optimizer.params.max_grad_norm = {show(value)}: gradient clipping is not an optimizer "
                            "parameter (DeepSpeed 0.19 refuses it too). Fix: remove max_grad_norm from "
                            f"optimizer.params and set the top-level \"gradient_clipping\": {show(value)}."))
+    if cfg.tensor_parallel.autotp_size > 1 and cfg.zero_optimization.stage == 3:
+        problems.append(_p("tensor_parallel.autotp_size",
+                           f"tensor_parallel.autotp_size = {cfg.tensor_parallel.autotp_size} with "
+                           "zero_optimization.stage 3: AutoTP training combines with ZeRO stages 0-2 only (as in "
+                           "DeepSpeed). Fix: use zero_optimization.stage 1 or 2, or drop autotp_size."))
     if cfg.gradient_allreduce_op == "sum" and cfg.zero_optimization.stage == 3:
         problems.append(_p("gradient_allreduce_op", "gradient_allreduce_op = \"sum\" is not supported with "
                            "zero_optimization.stage 3 (as in DeepSpeed). Fix: use \"mean\" or ZeRO stage 0-2."))

@@ -278,8 +278,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.zeropp_loco_param", N, NULL, "LoCo-ZeRO++"),  # zero
     Feature("zero_optimization.zero_quantized_nontrainable_weights", N, OFF, "quantized frozen weights"),  # zero
     Feature("zero_optimization.legacy_stage1", N, OFF, "DeepSpeed's old stage 1; use stage 1"),  # zero
-    Feature("tensor_parallel.autotp_size", N, TP_OFF, "AutoTP training; use shardwise.tp plans"),  # tp/
-    Feature("tensor_parallel.tp.tp_size", N, TP_OFF, "AutoTP training; use shardwise.tp plans"),  # tp/
+    Feature("tensor_parallel.autotp_size", S, note="AutoTP training of HF models, with ZeRO 0-2"),  # tp/autotp.py
+    Feature("tensor_parallel.tp.tp_size", N, TP_OFF, "a training tp group size; use autotp_size"),  # tp/
     Feature("tensor_parallel.replace_with_kernel_inject", N, OFF, "DeepSpeed inference kernels"),  # inference
     Feature("checkpoint.use_node_local_storage", N, OFF, "save to shared storage"),  # checkpoint/
     # --- removed by DeepSpeed 0.19.8 itself ---------------------------------------------------------------

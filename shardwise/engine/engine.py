@@ -24,6 +24,7 @@ from shardwise.data.engine_api import DataEfficiencyMixin
 from shardwise.engine import model_parallel
 from shardwise.engine.autocast import Autocast
 from shardwise.engine.backward_hooks import BackwardHooks
+from shardwise.engine.deepspeed_surface import DeepSpeedSurfaceMixin
 from shardwise.engine.guards import NonFiniteMonitor, check_unused_parameters
 from shardwise.engine.precision import cast_inputs_half
 from shardwise.engine.step_log import StepLog
@@ -37,7 +38,7 @@ class EngineUsageError(RuntimeError, AssertionError):
     an AssertionError too, as DeepSpeed raises for these."""
 
 
-class Engine(DataEfficiencyMixin, nn.Module):
+class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
     """A model wrapped for distributed training (``deepspeed.DeepSpeedEngine``); curriculum learning and random-LTD
     methods come from ``shardwise.data.engine_api``."""
 
@@ -52,6 +53,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         self.lr_scheduler = lr_scheduler
         self.training_dataloader = training_dataloader
         self.optimizer = strategy.optimizer if strategy is not None else None
+        self._record_overflow(False)
         self.global_steps = 0
         self.global_samples = 0
         self.micro_steps = 0
@@ -278,6 +280,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         norm = self._global_norm()
         scale = self._grad_scale_factor()
         overflow = self._nonfinite.on_norm(norm, self.global_steps + 1)  # the same on every rank: norm is reduced
+        self._record_overflow(overflow)
         if overflow:
             self.skipped_steps += 1
             self.scaler.update(True)
