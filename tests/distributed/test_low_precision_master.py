@@ -58,7 +58,9 @@ def _train(cfg: dict, steps: int = STEPS) -> dict:
     state_dtypes = sorted({str(v.dtype) for st in opt.basic.state.values() for v in st.values()
                            if torch.is_tensor(v) and v.numel() > 1})
     grad_dtypes = sorted({str(t.dtype) for g in groups for t in (g.part_grad, g.full_grad) if t is not None})
-    return {"losses": losses, "memory": engine.memory_breakdown(), "master": sorted({str(g.master.dtype)
+    flags = (engine.bf16_master_weights_and_gradients(), engine.bf16_optimizer_states(),
+             engine.fp16_master_weights_and_gradients())
+    return {"flags": flags, "losses": losses, "memory": engine.memory_breakdown(), "master": sorted({str(g.master.dtype)
             for g in groups}), "states": state_dtypes, "grads": grad_dtypes,
             "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())}
 
@@ -72,6 +74,7 @@ def test_bf16_master_and_states(stage: int) -> None:
         assert got["master"] == ["torch.bfloat16"] and want["master"] == ["torch.float32"]
         assert got["states"] == ["torch.bfloat16"] and want["states"] == ["torch.float32"]
         assert got["grads"] == ["torch.bfloat16"]
+        assert got["flags"] == (True, True, False) and want["flags"] == (False, False, False)
         # half the bytes for master weights and optimizer states
         assert got["memory"]["master_weights"] * 2 == want["memory"]["master_weights"]
         assert got["memory"]["optimizer_states"] * 2 == want["memory"]["optimizer_states"]
