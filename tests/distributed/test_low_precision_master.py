@@ -147,3 +147,27 @@ def test_checkpoint_resume_with_bf16_masters_is_exact(stage: int, tmp_path) -> N
     first = run_ranks(_resume, cfg, str(tmp_path), False)
     second = run_ranks(_resume, cfg, str(tmp_path), True)
     assert first == second
+
+
+def _blog_recipe(stage: int) -> dict:
+    """DeepSpeed's low-precision example: torch_autocast + bf16 masters and states, plain loss.backward()."""
+    cfg = {**_cfg(stage, master16=True, states16=True), "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    engine, _, _, _ = shardwise.initialize(model=tiny_transformer(seed=0), config=cfg)
+    rank = engine.topology.coord("dp")
+    losses = []
+    for step in range(8):
+        x, y = rank_batch(step % 4, rank, kind="gpt")
+        loss = engine(x, y)
+        loss.backward()
+        engine.step()
+        losses.append(loss.item())
+    return {"losses": losses, "autocast": engine.torch_autocast_enabled(),
+            "master": str(engine.strategy.optimizer.live_groups[0].master.dtype)}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_autocast_with_bf16_masters_and_plain_backward(stage: int) -> None:
+    for res in run_ranks(_blog_recipe, stage):
+        assert res["autocast"] and res["master"] == "torch.bfloat16"
+        assert all(torch.isfinite(torch.tensor(res["losses"])))
+        assert res["losses"][-1] < res["losses"][0]
