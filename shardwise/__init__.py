@@ -25,7 +25,7 @@ _LAZY = {
     "DeepSpeedEngine": ("shardwise.engine", "Engine"),
     "Engine": ("shardwise.engine", "Engine"),
     "ShardwiseConfig": ("shardwise.config", "ShardwiseConfig"),
-    "tp_model_init": ("shardwise.engine.deepspeed_surface", "tp_model_init"),
+    "tp_model_init": ("shardwise.tp.autotp", "tp_model_init"),
     "__git_hash__": ("shardwise.git_version_info", "git_hash"),
     "__git_branch__": ("shardwise.git_version_info", "git_branch"),
 }

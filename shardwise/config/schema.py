@@ -124,6 +124,9 @@ class SectionsConfig(Section):
     """Capture CUDA graphs of the training step (DeepSpeed)."""
     use_data_before_expert_parallelism: Bool = False
     """MoE: order data-parallel before expert-parallel in the rank grid."""
+    deterministic: Bool = False
+    """shardwise only (Gaudi's DeepSpeed enforces it at initialisation): torch's deterministic algorithms on, so
+    identical runs give identical bits (``engine/determinism.py``, docs/precision.md)."""
 
     # --- sections --------------------------------------------------------------------------------------------
     zero_optimization: ZeroConfig = _block(ZeroConfig)

@@ -4,8 +4,8 @@ Listed from transformers 5.x (``trainer.py``, ``integrations/deepspeed.py``) and
 (``accelerator.py``, ``utils/deepspeed.py``): ``engine.config.get(...)`` (a dict-like config: ``ShardwiseConfig``
 answers ``get``/``[]``), ``zero_gather_16bit_weights_on_model_save()``, ``_zero3_consolidated_16bit_state_dict()``
 and ``_consolidated_16bit_state_dict()`` (``save_model``, ``get_state_dict``), ``optimizer.overflow``
-(``step_was_skipped``), ``compile(backend=, compile_kwargs=)``, and ``deepspeed.tp_model_init`` (AutoTP through
-Trainer, not available: a clear error). The rest of what they call (``backward``, ``step``,
+(``step_was_skipped``) and ``compile(backend=, compile_kwargs=)``. ``deepspeed.tp_model_init`` (AutoTP through
+Trainer) is ``shardwise.tp.autotp``'s. The rest of what they call (``backward``, ``step``,
 ``set_gradient_accumulation_boundary``, ``get_global_grad_norm``, ``save_checkpoint``/``load_checkpoint``,
 ``destroy``) is the engine's own.
 """
@@ -76,16 +76,4 @@ class DeepSpeedSurfaceMixin:
         self._is_compiled = True
 
 
-def tp_model_init(model: nn.Module, tp_size: int, dtype: torch.dtype, config: Any = None, **_: Any) -> nn.Module:
-    """DeepSpeed's AutoTP entry for training (``tensor_parallel.autotp_size`` in a Trainer config): not available."""
-    if tp_size in (None, 1):
-        return model
-    raise NotImplementedError(
-        f"tensor_parallel.autotp_size={tp_size}: AutoTP training through transformers' Trainer "
-        "(deepspeed.tp_model_init) is not implemented by shardwise. Remove tensor_parallel.autotp_size from the "
-        "DeepSpeed config (ZeRO data parallelism works), or build the model with shardwise.tp plans and call "
-        "shardwise.initialize yourself"
-    )
-
-
-__all__ = ["DeepSpeedSurfaceMixin", "tp_model_init"]
+__all__ = ["DeepSpeedSurfaceMixin"]

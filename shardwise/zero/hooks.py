@@ -17,6 +17,20 @@ from shardwise.zero.param_status import ZeroParamStatus
 from shardwise.zero.reducer import GradReducer
 
 
+class BackwardOutsideEngineError(RuntimeError):
+    """A gradient reached a ZeRO-managed parameter in a backward pass the engine did not arm: it would be
+    accumulated but never reduced (ranks would silently diverge)."""
+
+
+def outside_engine_error(shape: Any) -> BackwardOutsideEngineError:
+    """The error for a gradient of a parameter of ``shape`` arriving outside any armed backward pass."""
+    return BackwardOutsideEngineError(
+        f"a gradient reached a parameter of shape {tuple(shape)} in a backward pass the engine did not see start: "
+        "the loss was not computed from the engine's forward (engine(...)), e.g. engine.module(...) was called "
+        "directly. Fix: compute the loss from engine(...) outputs (then loss.backward() or engine.backward(loss) "
+        "both work)")
+
+
 def register_grad_hooks(reducer: GradReducer) -> list[Any]:
     """Attach the reducer to every parameter it manages; returns the handles (``remove()`` to detach)."""
     handles = []

@@ -189,8 +189,6 @@ def test_facades_are_our_own_objects() -> None:
     assert torch.equal(p, q)
     wrapped = pp.zero_wrapper_for_fp_tensor_constructor(torch.ones, torch.bfloat16)
     assert wrapped(2).dtype == torch.bfloat16 and wrapped(2, dtype=torch.long).dtype == torch.long
-    with pytest.raises(NotImplementedError, match="autotp_size=2"):
-        shardwise.tp_model_init(model, tp_size=2, dtype=torch.float32)
 
 
 def _init_attrs() -> dict:
