@@ -22,7 +22,8 @@ from typing import Any
 import torch
 
 from shardwise import comm
-from shardwise.activation_checkpointing.settings import CheckpointingConfigError, Settings
+from shardwise.activation_checkpointing import buffers
+from shardwise.activation_checkpointing.settings import Settings
 from shardwise.comm.group import Group
 
 
@@ -31,42 +32,7 @@ def is_activation(x: Any) -> bool:
     return torch.is_tensor(x) and x.is_floating_point() and not getattr(x, "no_checkpointing", False)
 
 
-class _ContiguousBuffers:
-    """One preallocated ``[number_checkpoints, slice]`` block per argument position, filled row by row."""
-
-    def __init__(self) -> None:
-        self.blocks: dict[int, torch.Tensor] = {}
-        self.next: dict[int, int] = defaultdict(int)
-
-    def take(self, index: int, piece: torch.Tensor, slots: int) -> torch.Tensor:
-        block = self.blocks.get(index)
-        if block is None:
-            block = torch.empty((slots, piece.numel()), dtype=piece.dtype, device=piece.device)
-            self.blocks[index] = block
-        if block.shape[1] != piece.numel() or block.dtype != piece.dtype or block.device != piece.device:
-            raise CheckpointingConfigError(
-                f"contiguous_memory_optimization needs every checkpoint's argument {index} to have the same size, "
-                f"dtype and device; got a slice of {piece.numel()} {piece.dtype} on {piece.device} after "
-                f"{block.shape[1]} {block.dtype} on {block.device}. Turn contiguous_memory_optimization off")
-        row = self.next[index]
-        if row >= slots:
-            raise CheckpointingConfigError(
-                f"more than number_checkpoints={slots} checkpoints were stored in one forward pass; raise "
-                "activation_checkpointing.number_checkpoints (or configure(num_checkpoints=...)) to the number of "
-                "checkpointed calls per forward, or call shardwise.checkpointing.reset() between forward passes "
-                "that have no backward (evaluation)")
-        self.next[index] = row + 1
-        return block[row].copy_(piece)
-
-
-_BUFFERS = _ContiguousBuffers()
 _LIVE: weakref.WeakSet = weakref.WeakSet()
-
-
-def release_contiguous_buffers() -> None:
-    """Forget the contiguous blocks (slices already handed out stay valid until their checkpoints finish)."""
-    global _BUFFERS
-    _BUFFERS = _ContiguousBuffers()
 
 
 @dataclass
@@ -98,7 +64,7 @@ class Stash:
                 if settings.cpu_checkpointing:
                     piece = _to_host(piece)
                 if settings.contiguous_memory_optimization:  # the block lives where the slices do
-                    piece = _BUFFERS.take(slot, piece, settings.number_checkpoints or 1)
+                    piece = buffers.take(slot, piece, settings.number_checkpoints or 1)
                 self.entries.append(_Entry("slice", piece, tuple(arg.shape), arg.device))
             elif settings.cpu_checkpointing:
                 self.entries.append(_Entry("tensor", _to_host(arg), tuple(arg.shape), arg.device))

@@ -222,10 +222,3 @@ class ShardwiseConfig(SectionsConfig):
         body = self.model_dump(mode="json")
         head = {key: body.pop(key) for key in BATCH_KEYS}
         return {**head, **body}
-
-    def with_dp_world_size(self, dp_world_size: int) -> ShardwiseConfig:
-        """The same user config re-resolved for another data-parallel size (raises ConfigError if it does not
-        divide the batch)."""
-        from .loader import load_config  # the loader imports this module
-
-        return load_config(self.raw, dp_world_size=dp_world_size, log=False)

@@ -82,11 +82,11 @@ def test_shardwise_config_source_is_re_resolved():
     assert again.gradient_accumulation_steps == 1 and cfg.gradient_accumulation_steps == 2
 
 
-def test_with_dp_world_size():
+def test_reresolve_for_another_dp_world_size():
     cfg = load_config({"train_batch_size": 32, "train_micro_batch_size_per_gpu": 4})
-    assert cfg.with_dp_world_size(4).gradient_accumulation_steps == 2
+    assert load_config(cfg, dp_world_size=4).gradient_accumulation_steps == 2
     with pytest.raises(ConfigError, match="data-parallel size 16"):
-        cfg.with_dp_world_size(16)
+        load_config(cfg, dp_world_size=16)
 
 
 def test_json_text_source():
