@@ -20,8 +20,8 @@ import torch
 from torch import Tensor
 
 from shardwise import comm
-from shardwise.ops.muon import lr_ratio, matrix_shape, orthogonalize
-from shardwise.ops.muon import ns_dtype as _ns_dtype
+from shardwise.ops.newton_schulz import lr_ratio, matrix_shape, orthogonalize
+from shardwise.ops.newton_schulz import ns_dtype as _ns_dtype
 
 CHUNK_NUMEL = 1 << 26  # weights' elements gathered per collective (256 MiB in fp32): bounds the transient memory
 
