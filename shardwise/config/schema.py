@@ -11,6 +11,7 @@ Blocks for features shardwise only recognises (``OPAQUE_BLOCKS``) are kept as pl
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field
@@ -216,6 +217,15 @@ class ShardwiseConfig(SectionsConfig):
     """Dotted paths whose value was "auto" and took the default."""
     warnings: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
     """Human-readable warnings produced while loading (also logged to "shardwise.config")."""
+
+    def written(self, key: str) -> bool:
+        """Whether the user's config has the top-level ``key`` (for behaviour that only an explicit section turns
+        on, such as ``activation_checkpointing`` configuring ``shardwise.checkpointing``)."""
+        return key in self.raw
+
+    def as_written(self) -> dict[str, Any]:
+        """A JSON-safe copy of the config as the user wrote it (stored in checkpoints)."""
+        return json.loads(json.dumps(self.raw, default=str))
 
     def to_dict(self) -> dict[str, Any]:
         """Every resolved value as JSON-serialisable data, batch triad first; valid input to load_config."""

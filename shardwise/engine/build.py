@@ -22,13 +22,14 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
-from shardwise.config import ConfigError
+from shardwise.config import ConfigError, ShardwiseConfig, ZeroConfig
 from shardwise.config.errors import show
 from shardwise.engine.dataloader import build_training_loader
 from shardwise.engine.engine import Engine, _log_build
 from shardwise.engine.lr_schedules import build_scheduler
 from shardwise.engine.optimizers import build_optimizer, is_zero_supported_optimizer
 from shardwise.engine.precision import make_scaler, model_dtype
+from shardwise.engine.strategy import ShardingStrategy
 from shardwise.zero.flat_strategy import FlatStrategy
 from shardwise.zero.policy import default_bucket_numel, make_policy
 from shardwise.zero.shard_comm import HierarchicalShardComm, ShardComm
@@ -39,7 +40,7 @@ class EngineBuildError(ValueError):
     """The model, optimizer and config cannot be combined; the message says how to fix it."""
 
 
-def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimizer: Any = None,
+def build_engine(*, module: nn.Module, config: ShardwiseConfig, topology: Topology, optimizer: Any = None,
                  model_parameters: Iterable | None = None, lr_scheduler: Any = None, training_data: Any = None,
                  collate_fn: Callable | None = None, engine_cls: type[Engine] = Engine,
                  default_grad_accum_dtype: str | None = None) -> Engine:
@@ -65,10 +66,10 @@ def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimize
     return engine
 
 
-def _configure_activation_checkpointing(config: Any, topology: Topology) -> None:
+def _configure_activation_checkpointing(config: ShardwiseConfig, topology: Topology) -> None:
     """An ``activation_checkpointing`` section applies to ``shardwise.checkpointing`` unless the script already
     called ``checkpointing.configure`` itself (DeepSpeed scripts usually do, with their mpu)."""
-    if "activation_checkpointing" not in config.raw:
+    if not config.written("activation_checkpointing"):
         return
     from shardwise import activation_checkpointing as ac
     from shardwise.tp.mpu import ModelParallelUnit
@@ -84,7 +85,8 @@ def _cast_and_place(module: nn.Module, dtype: torch.dtype) -> None:
     module.to(device=device)
 
 
-def _build_basic_optimizer(module: nn.Module, config: Any, optimizer: Any, model_parameters: Iterable | None):
+def _build_basic_optimizer(module: nn.Module, config: ShardwiseConfig, optimizer: Any,
+                           model_parameters: Iterable | None) -> torch.optim.Optimizer | None:
     params = list(model_parameters) if model_parameters is not None else list(module.parameters())
     offload = config.zero_optimization.offload_optimizer_device != "none"
     if optimizer is not None and config.optimizer is not None:
@@ -128,8 +130,8 @@ def _is_cpu_adam(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, CPUAdam)
 
 
-def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: torch.optim.Optimizer,
-                    default_accum: str | None = None):
+def _build_strategy(module: nn.Module, config: ShardwiseConfig, topology: Topology, basic: torch.optim.Optimizer,
+                    default_accum: str | None = None) -> ShardingStrategy:
     zc = config.zero_optimization
     # the parameters' actual dtype (the config's, or float64 for a double-precision model)
     dtype = next((p.dtype for p in module.parameters() if p.requires_grad), model_dtype(config))
@@ -159,7 +161,7 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
     return FlatStrategy(module, basic, policy, topology.zero_group)
 
 
-def _shard_comm(zc: Any, topology: Topology) -> Any:
+def _shard_comm(zc: ZeroConfig, topology: Topology) -> ShardComm:
     """Flat or hierarchical (hpZ) ZeRO-3 collectives, optionally quantized (qwZ / qgZ)."""
     group = topology.zero_group
     hpz = int(zc.zero_hpz_partition_size or 1)
@@ -178,23 +180,14 @@ def _shard_comm(zc: Any, topology: Topology) -> Any:
 
 
 @torch.no_grad()
-def _broadcast_from_first_replica(module: nn.Module, strategy: Any, topology: Topology) -> None:
+def _broadcast_from_first_replica(module: nn.Module, strategy: ShardingStrategy | None, topology: Topology
+                                  ) -> None:
     """Every replica starts from the weights of the first rank of its ZeRO group."""
     group = topology.zero_group
     if group.size == 1:
         return
     src = group.global_rank(0)
-    flat_ids = set()
-    if strategy is not None and hasattr(strategy, "units"):  # ZeRO-3 broadcast while partitioning
-        flat_ids.update(id(p) for u in strategy.units for p in u.params)
-    elif strategy is not None:
-        for g in strategy.optimizer.live_groups:
-            comm.broadcast(g.flat, src=src, group=group)
-            flat_ids.update(id(p) for p in g.params)
-        for g in strategy.optimizer.live_groups:  # master copies were taken before the broadcast
-            if g.master is not None:
-                source = g.param_shard_of_flat() if strategy.policy.partitioned else g.flat
-                g.master.copy_(source.to(g.master.device, torch.float32))
+    flat_ids = strategy.sync_initial_weights(src) if strategy is not None else set()
     for p in module.parameters():
         if id(p) not in flat_ids:
             comm.broadcast(p.data, src=src, group=group)
@@ -202,7 +195,7 @@ def _broadcast_from_first_replica(module: nn.Module, strategy: Any, topology: To
         comm.broadcast(b, src=src, group=group)
 
 
-def _build_scheduler(config: Any, lr_scheduler: Any, basic: torch.optim.Optimizer | None):
+def _build_scheduler(config: ShardwiseConfig, lr_scheduler: Any, basic: torch.optim.Optimizer | None):
     if lr_scheduler is not None and config.scheduler is not None:
         raise EngineBuildError(
             f"an lr_scheduler was passed to initialize() and the config also has a `scheduler` section "

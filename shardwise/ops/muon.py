@@ -22,7 +22,7 @@ optimizer) tells the optimizer where each weight's pieces lie, through the strat
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -37,6 +37,10 @@ from shardwise.ops.newton_schulz import (
     muon_direction,
     orthogonalize,
 )
+
+if TYPE_CHECKING:
+    from shardwise.engine.strategy import ShardingStrategy
+
 
 MUON_DEFAULTS = {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.0, "nesterov": True, "ns_steps": 5,
                  "ns_method": "gram", "ns_coefficients": NS_COEFFICIENTS, "adjust_lr_fn": None, "ns_dtype": "auto"}
@@ -64,7 +68,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         self._shapes = {i: [full_shape(p) for p in ps] for i, ps in self._members.items()}
         self._partitions: dict[int, Any] = {}  # group index -> muon_partition.FlatMuonGroup once bound
 
-    def bind_partitions(self, strategy: Any) -> None:
+    def bind_partitions(self, strategy: ShardingStrategy) -> None:
         """Learn, from a ZeRO strategy's ``fragments``, which pieces of which weights this rank's flat Muon
         partitions hold (a collective over the strategy's ``state_group``); the engine calls it after wrapping."""
         if getattr(getattr(strategy, "policy", None), "offload_optimizer", False):

@@ -22,11 +22,15 @@ alive. Receives block. See ``schedule.py`` [Note: p2p ordering] for why that can
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardwise import comm
+
+if TYPE_CHECKING:
+    from shardwise.comm.topology import Topology
+
 
 __all__ = ["P2P", "TensorMeta", "PipelineCommError", "META_SLOTS"]
 
@@ -112,7 +116,7 @@ def as_tensor_tuple(value: Any, what: str) -> tuple[torch.Tensor, ...]:
 class P2P:
     """Send/receive boundary tensors between pipeline ranks of one topology."""
 
-    def __init__(self, topology: Any, *, pipe_partitioned: bool, grad_partitioned: bool,
+    def __init__(self, topology: Topology, *, pipe_partitioned: bool, grad_partitioned: bool,
                  dynamic_shape: bool = False) -> None:
         self.pp_group = topology.pp_group
         self.tp_group = topology.tp_group

@@ -8,12 +8,15 @@ post-accumulate-grad hooks reduce-scatter a unit once all its gradients are read
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
 
 from shardwise.zero.reducer import GradReducer
+
+if TYPE_CHECKING:
+    from shardwise.zero.stage3 import Stage3Strategy
 
 
 def register_grad_hooks(reducer: GradReducer) -> list[Any]:
@@ -37,7 +40,7 @@ class _PreBackward(torch.autograd.Function):
     """Identity on a module's outputs whose backward gathers the module's units before its backward runs."""
 
     @staticmethod
-    def forward(ctx: Any, strategy: Any, units: list, *tensors: torch.Tensor) -> Any:
+    def forward(ctx: Any, strategy: Stage3Strategy, units: list, *tensors: torch.Tensor) -> Any:
         ctx.strategy, ctx.units = strategy, units
         # detach(): new tensor objects that callers may modify in place (a returned input could not be)
         out = tuple(t.detach() for t in tensors)
@@ -49,7 +52,7 @@ class _PreBackward(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def wrap_for_backward(strategy: Any, units: list, output: Any) -> Any:
+def wrap_for_backward(strategy: Stage3Strategy, units: list, output: Any) -> Any:
     """Route the floating-point outputs that require grad through ``_PreBackward`` (nested structures kept)."""
     leaves, spec = pytree.tree_flatten(output)
     positions = [i for i, x in enumerate(leaves) if torch.is_tensor(x) and x.requires_grad and x.is_floating_point()]
@@ -63,7 +66,7 @@ def wrap_for_backward(strategy: Any, units: list, output: Any) -> Any:
     return pytree.tree_unflatten(leaves, spec)
 
 
-def register_stage3_hooks(strategy: Any) -> list[Any]:
+def register_stage3_hooks(strategy: Stage3Strategy) -> list[Any]:
     """Module pre/post-forward hooks on every module that uses sharded parameters, and gradient-ready hooks."""
     handles = []
     for module in list(strategy.module_units):
@@ -76,7 +79,7 @@ def register_stage3_hooks(strategy: Any) -> list[Any]:
     return handles
 
 
-def add_module_hooks(strategy: Any, module: torch.nn.Module) -> list[Any]:
+def add_module_hooks(strategy: Stage3Strategy, module: torch.nn.Module) -> list[Any]:
     """Fetch a module's units before its forward; release them and arm the pre-backward fetch after it."""
 
     def pre_forward(mod: torch.nn.Module, args: Any) -> None:
@@ -95,7 +98,7 @@ def add_module_hooks(strategy: Any, module: torch.nn.Module) -> list[Any]:
     return [module.register_forward_pre_hook(pre_forward), module.register_forward_hook(post_forward)]
 
 
-def _grad_ready_hook(strategy: Any, unit: Any, index: int):
+def _grad_ready_hook(strategy: Stage3Strategy, unit: Any, index: int):
     def hook(_param: Any) -> None:
         strategy.on_grad_ready(unit, index)
 
@@ -136,7 +139,7 @@ class ZeroParameter(torch.nn.Parameter):
         return frags[0].model
 
 
-def mark_zero3_param(param: torch.nn.Parameter, unit: Any, strategy: Any) -> None:
+def mark_zero3_param(param: torch.nn.Parameter, unit: Any, strategy: Stage3Strategy) -> None:
     """Attach a parameter to its unit and give it the ``ds_*`` properties."""
     param._sw_unit = unit
     param._sw_index = next(i for i, p in enumerate(unit.params) if p is param)

@@ -10,14 +10,18 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.weak import WeakIdKeyDictionary
+
+if TYPE_CHECKING:
+    from shardwise.engine.strategy import ShardingStrategy
+
 
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def register_owner(params: Iterable[Any], strategy: Any) -> None:
+def register_owner(params: Iterable[Any], strategy: ShardingStrategy) -> None:
     """Record that ``strategy`` manages every parameter in ``params`` (its ``fragments(p)`` answers for them)."""
     ref = weakref.ref(strategy)
     for p in params:

@@ -32,6 +32,7 @@ from shardwise.zero.optimizer_offload import SwappedAdam
 from shardwise.zero.param_offload import make_store
 from shardwise.zero.policy import ZeroPolicy
 from shardwise.zero.prefetch import FetchTrace
+from shardwise.zero.strategy_base import StrategyBase, tensor_bytes
 from shardwise.zero.unit import ParamUnit, UnitState
 
 
@@ -125,7 +126,7 @@ def auto_granularity(model_numel: int, configured: int, explicit: bool) -> int:
     return max(1_000_000, model_numel // 16)
 
 
-class Stage3Strategy:
+class Stage3Strategy(StrategyBase):
     """The strategy protocol (see ``flat_strategy.py``) for ZeRO stage 3."""
 
     def __init__(self, module: nn.Module, basic: torch.optim.Optimizer, policy: ZeroPolicy, group: Group,
@@ -394,8 +395,6 @@ class Stage3Strategy:
         """Squared norm of this rank's reduced gradient shards."""
         return self.optimizer.local_norm_sq()
 
-    norm_is_partitioned = True
-
     def scale_grads(self, factor: float) -> None:
         """Averaging, unscaling and clipping in one multiply."""
         self.optimizer.scale_grads(factor)
@@ -424,18 +423,7 @@ class Stage3Strategy:
             g.part_grad.zero_()
         self._fresh = True
 
-    def remove_hooks(self) -> None:
-        """Detach from the module."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
     # -- state access -------------------------------------------------------------------------------------------
-    @property
-    def state_group(self) -> Group:
-        """Every rank of the ZeRO group holds one shard of each unit."""
-        return self.group
-
     def fragments(self, param: nn.Parameter) -> list[Fragment]:
         """This rank's piece of ``param``: its overlap with the unit's shard."""
         u = self.param_unit.get(id(param))
@@ -461,18 +449,16 @@ class Stage3Strategy:
         return [Fragment(start - slot.offset, end - slot.offset, master, g.store.view(off, n),
                          g.part_grad[off : off + n], state)]
 
-    def memory_breakdown(self) -> dict[str, int]:
-        """Bytes this rank holds for model states (persistent full copies counted under parameters)."""
-        def size(t: torch.Tensor | None) -> int:
-            return 0 if t is None else t.numel() * t.element_size()
-
+    def _held_bytes(self) -> tuple[int, int, int]:
+        """Persistent units' full copies count under parameters; masters are 0 with NVMe optimizer offload."""
         groups = [g for g in self.groups if g is not None] + ([self.frozen_group] if self.frozen_group else [])
-        params = sum(g.store.resident_bytes for g in groups) + sum(size(u.full) for u in self.units if u.persistent)
-        grads = sum(size(g.part_grad) for g in groups)
-        master = sum(size(g.master) for g in groups)  # 0 with NVMe optimizer offload (masters on disk)
-        state = sum(size(v) for st in self.optimizer.basic.state.values() for v in st.values()
-                    if torch.is_tensor(v) and v.numel() > 1)
-        return {"parameters": params, "gradients": grads, "master_weights": master, "optimizer_states": state}
+        params = sum(g.store.resident_bytes for g in groups) + sum(tensor_bytes(u.full) for u in self.units
+                                                                   if u.persistent)
+        return (params, sum(tensor_bytes(g.part_grad) for g in groups), sum(tensor_bytes(g.master) for g in groups))
+
+    def sync_initial_weights(self, src: int) -> set[int]:
+        """Nothing left to do: every unit was broadcast from the ZeRO group's first rank while partitioning."""
+        return {id(p) for u in self.units for p in u.params}
 
     def describe(self) -> str:
         """One line for the log."""
