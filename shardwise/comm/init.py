@@ -61,7 +61,7 @@ def init_distributed(
                         ("MASTER_PORT", env.master_port)):
         os.environ.setdefault(name, str(value))
     accelerator = get_accelerator()
-    backend = dist_backend or accelerator.communication_backend_name()
+    backend = dist_backend or default_backend(accelerator.communication_backend_name())
     timeout, _ = resolve_timeout(timeout)
     if accelerator.device_name() != "cpu":
         accelerator.set_device(env.local_rank)
@@ -73,6 +73,19 @@ def init_distributed(
     _launch_env = env
     if accelerator.device_name() == "cpu" and env.local_rank == 0:
         warn_if_oversubscribed(env.local_world_size)
+
+
+def default_backend(accelerator_backend: str) -> str:
+    """The backend string for ``init_process_group`` when the user names none.
+
+    On CUDA the default group is ``cpu:gloo,cuda:nccl``: nccl for device tensors, and gloo for the few CPU tensors
+    shardwise exchanges by design (step-log scalars, checkpoint fingerprints and full-value gathers, pipeline
+    metadata), which nccl alone refuses (``No backend type associated with device type cpu``). Sub-groups inherit it.
+    Other accelerators' backends are used as they are. ``dist_backend="nccl"`` still gives plain nccl.
+    """
+    if accelerator_backend == "nccl":
+        return "cpu:gloo,cuda:nccl"
+    return accelerator_backend
 
 
 def oversubscription_hint(local_ranks: int) -> str | None:

@@ -23,12 +23,13 @@ KIND_MISSING_PACKAGE = "missing_package"
 
 @dataclass(frozen=True)
 class Requirement:
-    """A monitor backend's package: the config block that enables it, the module, the pip spec and our extra."""
+    """A monitor backend's package: the config block that enables it, the module, the pip spec and our extra (None
+    where shardwise has no extra for it: trackio's releases need an older pillow than the project pins)."""
 
     block: str
     module: str
     pip: str
-    extra: str
+    extra: str | None
     min_version: tuple[int, ...] = ()
 
 
@@ -36,7 +37,7 @@ REQUIREMENTS = {
     "tensorboard": Requirement("tensorboard", "tensorboard", "tensorboard", "tensorboard"),
     "wandb": Requirement("wandb", "wandb", "wandb", "wandb"),
     "comet": Requirement("comet", "comet_ml", "comet_ml>=3.41.0", "comet", (3, 41, 0)),
-    "trackio": Requirement("trackio", "trackio", "trackio", "trackio"),
+    "trackio": Requirement("trackio", "trackio", "trackio>=0.2", None, (0, 2)),
 }
 
 
@@ -64,8 +65,9 @@ def problem(req: Requirement) -> str | None:
         why = f'needs {req.pip}, but {req.module} {found} is installed'
     else:
         return None
-    return (f'{req.block}.enabled = true {why}. Fix: pip install "shardwise[{req.extra}]" (or pip install '
-            f'"{req.pip}"), or set "{req.block}": {{"enabled": false}}.')
+    install = (f'pip install "shardwise[{req.extra}]" (or pip install "{req.pip}")' if req.extra
+               else f'pip install "{req.pip}"')
+    return f'{req.block}.enabled = true {why}. Fix: {install}, or set "{req.block}": {{"enabled": false}}.'
 
 
 def require(name: str) -> None:

@@ -153,6 +153,9 @@ def _one_rank_init() -> dict:
     dist.reduce_scatter_tensor(scattered, gathered)
     dist.broadcast(t, src=0)
     dist.barrier()
+    host = torch.ones(3)  # a CPU tensor on the default group: the gloo side of cpu:gloo,cuda:nccl takes it
+    dist.all_reduce(host)
+    out["host"] = host
     # shardwise's wrappers, single-rank fast path included
     w = torch.arange(4, dtype=torch.bfloat16, device=dev)
     comm.all_reduce(w)
@@ -167,10 +170,11 @@ def _one_rank_init() -> dict:
 
 def test_init_distributed_on_one_rank_uses_the_accelerators_backend() -> None:
     (r,) = run_gpu(_one_rank_init, world_size=1)
-    expected = "gloo" if REHEARSAL else "nccl"
+    expected = "gloo" if REHEARSAL else "cpu:gloo,cuda:nccl"
     assert r["backend"] == expected and r["accelerator_backend"] == ("gloo" if REHEARSAL else "nccl")
     assert r["accelerator"] == ACCELERATOR and r["world"] == 1 and r["rank"] == 0
     assert r["device"] == ("cpu" if REHEARSAL else "cuda:0")
     ref = torch.arange(4, dtype=torch.float32)
+    assert torch.equal(r["host"], torch.ones(3))
     for key in ("t", "gathered", "scattered", "w", "g2"):
         assert torch.equal(r[key], ref), key

@@ -72,3 +72,11 @@ def test_oversubscription_hint_names_the_fix(monkeypatch) -> None:
     assert oversubscription_hint(1) is None  # one rank may use every core
     monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert oversubscription_hint(2) is None
+
+
+@pytest.mark.parametrize(("accelerator_backend", "expected"),
+                         [("nccl", "cpu:gloo,cuda:nccl"), ("gloo", "gloo"), ("hccl", "hccl"), ("ccl", "ccl")])
+def test_default_backend_gives_cuda_jobs_a_gloo_side_for_cpu_tensors(accelerator_backend, expected) -> None:
+    from shardwise.comm.init import default_backend
+
+    assert default_backend(accelerator_backend) == expected
