@@ -136,16 +136,14 @@ def _build_strategy(module: nn.Module, config: ShardwiseConfig, topology: Topolo
     # the parameters' actual dtype (the config's, or float64 for a double-precision model)
     dtype = next((p.dtype for p in module.parameters() if p.requires_grad), model_dtype(config))
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    explicit = zc.model_fields_set  # keys the user wrote (``"zero_optimization": null`` or absent: none)
-    bucket = default_bucket_numel(trainable, zc.reduce_bucket_size if "reduce_bucket_size" in explicit else None)
+    bucket = default_bucket_numel(trainable, zc.written_value("reduce_bucket_size"))
     accum = config.data_types.grad_accum_dtype or (default_accum if config.bf16.enabled else None)
     # the BF16 optimizer (ZeRO-1 with fp32 gradient accumulation) serves bf16 at stage 0 or 1 when fp32
     # accumulation is asked for; plain bf16 at stage 0 is DeepSpeed 0.19's data parallelism (bf16 gradients
     # all-reduced, a full fp32 master per rank)
     bf16_optimizer = config.bf16.enabled and zc.stage in (0, 1) and accum == "fp32"
-    overlap = zc.overlap_comm if "overlap_comm" in explicit else True
     policy = make_policy(
-        zc.stage, dtype, grad_accum_dtype=accum, bf16_optimizer=bf16_optimizer, overlap_comm=overlap,
+        zc.stage, dtype, grad_accum_dtype=accum, bf16_optimizer=bf16_optimizer, overlap_comm=zc.overlap_comm,
         reduce_scatter=zc.reduce_scatter, bucket_numel=bucket,
         offload_optimizer=zc.offload_optimizer_device != "none",
         pin_memory=bool(zc.offload_optimizer and zc.offload_optimizer.pin_memory),
@@ -157,7 +155,7 @@ def _build_strategy(module: nn.Module, config: ShardwiseConfig, topology: Topolo
             "'cpu' with stages 1-2, or set zero_optimization.stage to 3"
         )
     if zc.stage == 3:
-        return Stage3Strategy(module, basic, policy, topology.zero_group, _shard_comm(zc, topology), zc, explicit)
+        return Stage3Strategy(module, basic, policy, topology.zero_group, _shard_comm(zc, topology), zc)
     return FlatStrategy(module, basic, policy, topology.zero_group)
 
 

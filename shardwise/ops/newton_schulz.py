@@ -11,9 +11,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from shardwise.config.dtypes import torch_dtype
+
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 NS_METHODS = ("gram", "standard")
-NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+NS_DTYPES = {name: torch_dtype(name) for name in ("fp32", "bf16", "fp16", "fp64")}  # the names ns_dtype accepts
 _NS_EPS = 1e-7
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
+from shardwise.config.dtypes import torch_dtype
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str |
                 pin_memory: bool, comm_dtype: str | None = None) -> ZeroPolicy:
     """Choose the policy for a stage, the model's dtype and the ``data_types.grad_accum_dtype`` setting."""
     low_precision = param_dtype in (torch.float16, torch.bfloat16)
-    accum = _DTYPES[grad_accum_dtype] or (torch.float32 if bf16_optimizer else param_dtype)
+    accum = torch_dtype(grad_accum_dtype) or (torch.float32 if bf16_optimizer else param_dtype)
     if stage == 0 and bf16_optimizer:
         name, partitioned, every = "BF16 optimizer (ZeRO-1, fp32 gradient accumulation)", True, False
     elif stage == 0:
@@ -82,6 +82,6 @@ def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str |
         use_master=low_precision or partitioned or offload_optimizer, overlap_comm=overlap_comm,
         use_reduce_scatter=reduce_scatter, bucket_numel=bucket_numel, max_inflight=4,
         offload_optimizer=offload_optimizer, pin_memory=pin_memory,
-        grads_are_param_views=not every and accum == param_dtype, comm_dtype=_DTYPES[comm_dtype],
+        grads_are_param_views=not every and accum == param_dtype, comm_dtype=torch_dtype(comm_dtype),
     )
     return policy

@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections import deque
-from collections.abc import Collection, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -22,6 +22,7 @@ from torch import nn
 
 from shardwise import comm
 from shardwise.comm.group import Group
+from shardwise.config import ZeroConfig
 from shardwise.zero import hooks
 from shardwise.zero.flat_buffer import master_dtype
 from shardwise.zero.flat_optimizer import FlatOptimizer
@@ -32,6 +33,7 @@ from shardwise.zero.optimizer_offload import SwappedAdam
 from shardwise.zero.param_offload import make_store
 from shardwise.zero.policy import ZeroPolicy
 from shardwise.zero.prefetch import FetchTrace
+from shardwise.zero.shard_comm import ShardComm
 from shardwise.zero.strategy_base import StrategyBase, tensor_bytes
 from shardwise.zero.unit import ParamUnit, UnitState
 
@@ -118,10 +120,11 @@ def _unit_params(module: nn.Module, group_of: dict[int, int], granularity: int
     return out
 
 
-def auto_granularity(model_numel: int, configured: int, explicit: bool) -> int:
-    """Elements below which a module subtree is one unit: the config's value if set, else ~1/16 of the model
-    (at least 1M elements), which makes each transformer block of a typical LLM one unit, as FSDP wraps them."""
-    if explicit:
+def auto_granularity(model_numel: int, configured: int | None) -> int:
+    """Elements below which a module subtree is one unit: the config's value if written (not None), else ~1/16 of
+    the model (at least 1M elements), which makes each transformer block of a typical LLM one unit, as FSDP wraps
+    them."""
+    if configured is not None:
         return int(configured)
     return max(1_000_000, model_numel // 16)
 
@@ -130,14 +133,14 @@ class Stage3Strategy(StrategyBase):
     """The strategy protocol (see ``flat_strategy.py``) for ZeRO stage 3."""
 
     def __init__(self, module: nn.Module, basic: torch.optim.Optimizer, policy: ZeroPolicy, group: Group,
-                 shard_comm: Any, zero_config: Any, explicit: Collection[str]) -> None:
+                 shard_comm: ShardComm, zero_config: ZeroConfig) -> None:
         self.policy, self.group, self.name = policy, group, "ZeRO-3"
         self.module = module
         self.shard_comm = shard_comm
         world = shard_comm.world
         group_of = {id(p): gi for gi, g in enumerate(basic.param_groups) for p in g["params"]}
-        granularity = auto_granularity(_subtree_numel(module), zero_config.stage3_module_granularity_threshold,
-                                       "stage3_module_granularity_threshold" in explicit)
+        granularity = auto_granularity(_subtree_numel(module),
+                                       zero_config.written_value("stage3_module_granularity_threshold"))
         self.units: list[ParamUnit] = []
         owned: dict[nn.Module, list[ParamUnit]] = {}
         self._unit_root: dict[int, str] = {}
@@ -176,7 +179,7 @@ class Stage3Strategy(StrategyBase):
                                          int(zero_config.sub_group_size), self._io_pool)
         else:
             self.optimizer = FlatOptimizer(basic, self.groups, policy, group)
-        self.trace = FetchTrace(*self._prefetch_limits(zero_config, explicit))
+        self.trace = FetchTrace(*self._prefetch_limits(zero_config))
         self.module_units: dict[nn.Module, list[ParamUnit]] = {}
         for name, m in module.named_modules():
             units = list(owned.get(m, [])) + [u for u in self._direct_units(m) if not self._inside(name, u)]
@@ -192,7 +195,7 @@ class Stage3Strategy(StrategyBase):
         self._hooks = hooks.register_stage3_hooks(self)
 
     # -- build ------------------------------------------------------------------------------------------------------
-    def _choose_persistent(self, zc: Any) -> None:
+    def _choose_persistent(self, zc: ZeroConfig) -> None:
         """Units below ``stage3_param_persistence_threshold`` stay gathered, up to the model-wide budget."""
         threshold = int(zc.stage3_param_persistence_threshold)
         budget = int(zc.stage3_model_persistence_threshold)
@@ -207,7 +210,7 @@ class Stage3Strategy(StrategyBase):
         root = self._unit_root[unit.uid]
         return root == "" or module_name == root or module_name.startswith(root + ".")
 
-    def _prefetch_limits(self, zc: Any, explicit: Collection[str]) -> tuple[int, int, int]:
+    def _prefetch_limits(self, zc: ZeroConfig) -> tuple[int, int, int]:
         """(prefetch bucket, max live, reuse distance) in elements: the config's values where given, else sized
         from the units. DeepSpeed's defaults (5e7 / 1e9 / 1e9) keep every unit of a model below a billion
         parameters gathered for the whole step, so ZeRO-3 saves no parameter memory; ours prefetch the next unit
@@ -217,7 +220,8 @@ class Stage3Strategy(StrategyBase):
         largest = max((u.numel for u in self.units), default=0)
 
         def pick(key: str, default: int) -> int:
-            return int(getattr(zc, key)) if key in explicit else default
+            value = zc.written_value(key)
+            return default if value is None else int(value)
 
         return (pick("stage3_prefetch_bucket_size", largest), pick("stage3_max_live_parameters", 10**18),
                 pick("stage3_max_reuse_distance", largest))
