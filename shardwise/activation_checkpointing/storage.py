@@ -21,10 +21,11 @@ from typing import Any
 
 import torch
 
-from shardwise import comm
 from shardwise.activation_checkpointing import buffers
 from shardwise.activation_checkpointing.settings import Settings
+from shardwise.comm.collectives import all_gather_padded
 from shardwise.comm.group import Group
+from shardwise.comm.shards import padded_shard
 
 
 def is_activation(x: Any) -> bool:
@@ -74,12 +75,7 @@ class Stash:
         _LIVE.add(self)
 
     def _slice(self, x: torch.Tensor) -> torch.Tensor:
-        n, r = self.group.size, self.group.rank
-        flat = x.detach().reshape(-1)
-        width = -(-flat.numel() // n)
-        if flat.numel() != width * n:
-            flat = torch.cat([flat, flat.new_zeros(width * n - flat.numel())])
-        return flat.narrow(0, r * width, width).clone()
+        return padded_shard(x.detach().reshape(-1), self.group.size, self.group.rank).clone()
 
     def restore(self) -> list[Any]:
         """The original arguments (tensors detached, on their original devices). Collective when partitioned."""
@@ -90,13 +86,10 @@ class Stash:
             elif e.kind == "tensor":
                 out.append(e.value.to(e.device) if e.value.device != e.device else e.value)
             else:
-                piece = e.value.to(e.device)
-                full = piece.new_empty(piece.numel() * self.group.size)
-                comm.all_gather_into_tensor(full, piece, group=self.group)
                 numel = 1
                 for s in e.shape:
                     numel *= s
-                out.append(full.narrow(0, 0, numel).view(e.shape))
+                out.append(all_gather_padded(e.value.to(e.device), numel, self.group).view(e.shape))
         return out
 
     def release(self) -> None:

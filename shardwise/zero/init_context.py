@@ -20,13 +20,9 @@ from torch import nn
 
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
+from shardwise.comm.collectives import all_gather_padded
 from shardwise.comm.group import Group, as_group
-
-
-def _shard_bounds(numel: int, world: int, rank: int) -> tuple[int, int, int]:
-    per = -(-numel // world)
-    lo = min(numel, rank * per)
-    return lo, min(numel, lo + per), per
+from shardwise.comm.shards import shard_bounds
 
 
 def full_shape(param: nn.Parameter) -> torch.Size:
@@ -39,14 +35,8 @@ def full_param_values(param: nn.Parameter, group: Group) -> tuple[torch.Tensor, 
     shard = getattr(param, "_sw_init_shard", None)
     if shard is None:
         return param.data, False
-    shape, world = param._sw_init_shape, param._sw_init_world
-    numel = shape.numel()
-    per = -(-numel // world)
-    padded = torch.zeros(per, dtype=shard.dtype, device=shard.device)
-    padded[: shard.numel()] = shard
-    full = torch.empty(per * world, dtype=shard.dtype, device=shard.device)
-    comm.all_gather_into_tensor(full, padded, group=param._sw_init_group)
-    return full[:numel].view(shape), True
+    shape = param._sw_init_shape
+    return all_gather_padded(shard, shape.numel(), param._sw_init_group).view(shape), True
 
 
 def _shard_param(param: nn.Parameter, group: Group, dtype: torch.dtype | None, device: torch.device | None) -> None:
@@ -58,7 +48,7 @@ def _shard_param(param: nn.Parameter, group: Group, dtype: torch.dtype | None, d
     if device is not None:
         data = data.to(device)
     comm.broadcast(data, src=group.global_rank(0), group=group)
-    lo, hi, _ = _shard_bounds(data.numel(), group.size, group.rank)
+    lo, hi, _ = shard_bounds(data.numel(), group.size, group.rank)
     param._sw_init_shard = data.reshape(-1)[lo:hi].clone()
     param._sw_init_shape = data.shape
     param._sw_init_world = group.size
@@ -199,7 +189,7 @@ class GatheredParameters:
                 if hasattr(p, "_sw_unit"):
                     _write_back(p)
                 else:
-                    lo, hi, _ = _shard_bounds(p.data.numel(), group.size, group.rank)
+                    lo, hi, _ = shard_bounds(p.data.numel(), group.size, group.rank)
                     p._sw_init_shard.copy_(p.data.reshape(-1)[lo:hi])
         released: list = []
         for p in self.params:

@@ -14,7 +14,7 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "shardwise"
 SOURCES = sorted(PACKAGE.rglob("*.py"))
 #: modules that must stay free of torch.distributed (pure math and planning)
-PURE = ["comm/grid.py", "comm/env.py", "zero/layout.py", "pipe/schedule.py", "pipe/partition.py",
+PURE = ["comm/grid.py", "comm/env.py", "comm/shards.py", "zero/layout.py", "pipe/schedule.py", "pipe/partition.py",
         "launcher/hostfile.py", "tp/partition.py", "sp/hf_masks.py"]
 
 
