@@ -137,8 +137,8 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
 def full_shape(p: Tensor) -> torch.Size:
     """A parameter's real shape, also while ZeRO-3 or ``zero.Init`` holds only a shard of it."""
     shape = getattr(p, "_sw_init_shape", None) if hasattr(p, "_sw_init_shard") else None
-    if shape is None and hasattr(p, "_sw_unit"):
-        shape = p.ds_shape
+    if shape is None:
+        shape = getattr(p, "ds_shape", None)  # DeepSpeed's parameter API: ZeRO-3 parameters' full shape
     return torch.Size(shape if shape is not None else p.shape)
 
 

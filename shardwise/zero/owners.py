@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from torch.utils.weak import WeakIdKeyDictionary
 
+from shardwise.zero.sharded_param import sharded
+
 if TYPE_CHECKING:
     from shardwise.engine.strategy import ShardingStrategy
 
@@ -33,5 +35,6 @@ def owner_of(param: Any) -> Any | None:
     ref = _OWNERS.get(param)
     strategy = ref() if ref is not None else None
     if strategy is None:
-        strategy = getattr(param, "_sw_strategy", None)  # ZeRO-3 parameters carry their strategy
+        state = sharded(param)  # ZeRO-3 parameters hold their ShardedParam, which holds the strategy
+        strategy = state.strategy if state is not None else None
     return strategy

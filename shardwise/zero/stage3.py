@@ -34,6 +34,7 @@ from shardwise.zero.param_offload import make_store
 from shardwise.zero.policy import ZeroPolicy
 from shardwise.zero.prefetch import FetchTrace
 from shardwise.zero.shard_comm import ShardComm
+from shardwise.zero.sharded_param import attach, sharded
 from shardwise.zero.strategy_base import StrategyBase, tensor_bytes
 from shardwise.zero.unit import ParamUnit, UnitState
 
@@ -257,7 +258,7 @@ class Stage3Strategy(StrategyBase):
                 for p, empty in zip(u.params, u._empty):
                     p.data = empty
             for p in u.params:
-                hooks.mark_zero3_param(p, u, self)
+                attach(p, u, self)
 
     # -- fetch / release ----------------------------------------------------------------------------------------
     def fetch(self, units: list[ParamUnit]) -> None:
@@ -433,7 +434,7 @@ class Stage3Strategy(StrategyBase):
         u = self.param_unit.get(id(param))
         if u is None:
             return []
-        i = param._sw_index
+        i = sharded(param).index
         slot = u.layout.slots[i]
         lo, hi = u.shard_range
         start, end = max(lo, slot.offset), min(hi, slot.offset + slot.numel)
