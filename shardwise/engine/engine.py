@@ -24,6 +24,9 @@ from shardwise.comm.topology import Topology
 from shardwise.config import ShardwiseConfig
 from shardwise.data.engine_api import DataEfficiencyMixin
 from shardwise.engine import model_parallel
+from shardwise.engine.autocast import Autocast
+from shardwise.engine.backward_hooks import BackwardHooks
+from shardwise.engine.deepspeed_surface import DeepSpeedSurfaceMixin
 from shardwise.engine.guards import NonFiniteMonitor, check_unused_parameters
 from shardwise.engine.precision import DynamicLossScaler, NoScaler, cast_inputs_half
 from shardwise.engine.step_log import StepLog
@@ -38,7 +41,7 @@ class EngineUsageError(RuntimeError, AssertionError):
     an AssertionError too, as DeepSpeed raises for these."""
 
 
-class Engine(DataEfficiencyMixin, nn.Module):
+class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
     """A model wrapped for distributed training (``deepspeed.DeepSpeedEngine``); curriculum learning and random-LTD
     methods come from ``shardwise.data.engine_api``."""
 
@@ -54,6 +57,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         self.lr_scheduler = lr_scheduler
         self.training_dataloader = training_dataloader
         self.optimizer = strategy.optimizer if strategy is not None else None
+        self._record_overflow(False)
         self.global_steps = 0
         self.global_samples = 0
         self.micro_steps = 0
@@ -68,6 +72,8 @@ class Engine(DataEfficiencyMixin, nn.Module):
         self._observer = TrainingObserver(self)  # monitors, flops profiler, memory table (shardwise/monitor/)
         self.monitor = self._observer.monitor  # DeepSpeed's MonitorMaster: engine.monitor.write_events(...)
         self._setup_data_efficiency()  # legacy curriculum and random-LTD schedulers (shardwise/data/)
+        self._plain_backward = BackwardHooks(self)  # plain loss.backward() == engine.backward(loss)
+        self._autocast = Autocast(config, get_accelerator().device().type)  # torch_autocast (engine/autocast.py)
 
     # -- DeepSpeed's accessors ------------------------------------------------------------------------------------
     @property
@@ -220,12 +226,14 @@ class Engine(DataEfficiencyMixin, nn.Module):
         if self._config.fp16.enabled and self._config.fp16.auto_cast:
             inputs = cast_inputs_half(inputs)  # positional inputs only, as DeepSpeed
         kwargs = self._data_efficiency_kwargs(kwargs)  # legacy curriculum_seqlen, random-LTD schedule step
-        with self.timers("forward"):
+        with self.timers("forward"), self._autocast():
             if self.strategy is None:
-                return self.module(*inputs, **kwargs)
-            self.strategy.before_forward()
-            with self.strategy.forward_context():
-                return self.module(*inputs, **kwargs)
+                output = self.module(*inputs, **kwargs)
+            else:
+                self.strategy.before_forward()
+                with self.strategy.forward_context():
+                    output = self.module(*inputs, **kwargs)
+        return self._plain_backward.wrap_outputs(output)  # plain loss.backward() (engine/backward_hooks.py)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Backpropagate ``loss``: scaled by 1/gradient_accumulation_steps and by the fp16 loss scale."""
@@ -244,9 +252,18 @@ class Engine(DataEfficiencyMixin, nn.Module):
         reduce = self.is_gradient_accumulation_boundary() and not self._in_no_sync
         with self.timers("backward"):
             self.strategy.begin_backward(reduce)
-            scaled.backward(retain_graph=retain_graph)
+            self._plain_backward.engine_backward = True
+            try:
+                scaled.backward(retain_graph=retain_graph)
+            finally:
+                self._plain_backward.engine_backward = False
             self.strategy.end_backward()
         return loss
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the current fp16 loss scale, for ``engine.scale(loss).backward()`` (plain backward under
+        fp16; ``engine/backward_hooks.py``)."""
+        return self._plain_backward.scale(loss)
 
     def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
         """At an accumulation boundary: reduce, clip, update, schedule, zero; otherwise just count the micro-step."""
@@ -267,6 +284,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         norm = self._global_norm()
         scale = self._grad_scale_factor()
         overflow = self._nonfinite.on_norm(norm, self.global_steps + 1)  # the same on every rank: norm is reduced
+        self._record_overflow(overflow)
         if overflow:
             self.skipped_steps += 1
             self.scaler.update(True)

@@ -71,7 +71,7 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
     def bind_partitions(self, strategy: ShardingStrategy) -> None:
         """Learn, from a ZeRO strategy's ``fragments``, which pieces of which weights this rank's flat Muon
         partitions hold (a collective over the strategy's ``state_group``); the engine calls it after wrapping."""
-        if getattr(getattr(strategy, "policy", None), "offload_optimizer", False):
+        if strategy.policy.offload_optimizer:
             raise ValueError("Muon with zero_optimization.offload_optimizer is not supported (as in DeepSpeed 0.19); "
                              "remove offload_optimizer")
         for i, members in self._members.items():

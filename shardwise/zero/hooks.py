@@ -13,7 +13,9 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.utils._pytree as pytree
 
+from shardwise.zero.errors import BackwardOutsideEngineError, outside_engine_error  # noqa: F401 - re-exported
 from shardwise.zero.reducer import GradReducer
+from shardwise.zero.sharded_param import ZeroParameter  # noqa: F401 - defined there (with its state), once here
 
 if TYPE_CHECKING:
     from shardwise.zero.stage3 import Stage3Strategy

@@ -13,11 +13,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from shardwise.zero.param_status import ZeroParamStatus
+
 if TYPE_CHECKING:
     from shardwise.zero.stage3 import Stage3Strategy
     from shardwise.zero.unit import ParamUnit
 
-_STATUS = {"gathered": "AVAILABLE", "gathering": "INFLIGHT"}
+_STATUS = {"gathered": ZeroParamStatus.AVAILABLE, "gathering": ZeroParamStatus.INFLIGHT}
 
 
 class ShardedParam:
@@ -39,9 +41,9 @@ class ShardedParam:
         return self.unit.shapes[self.index]
 
     @property
-    def status(self) -> str:
-        """DeepSpeed's ``ds_status``: ``"AVAILABLE"``, ``"INFLIGHT"`` or ``"NOT_AVAILABLE"``."""
-        return _STATUS.get(self.unit.state.value, "NOT_AVAILABLE")
+    def status(self) -> ZeroParamStatus:
+        """DeepSpeed's ``ds_status``: ``AVAILABLE``, ``INFLIGHT`` or ``NOT_AVAILABLE`` (equal to those strings)."""
+        return _STATUS.get(self.unit.state.value, ZeroParamStatus.NOT_AVAILABLE)
 
     @property
     def ds_id(self) -> int:
@@ -68,8 +70,9 @@ class ZeroParameter(torch.nn.Parameter):
         return self.ds_shape.numel()
 
     @property
-    def ds_status(self) -> str:
-        """``"AVAILABLE"`` when gathered, ``"INFLIGHT"`` while gathering, else ``"NOT_AVAILABLE"``."""
+    def ds_status(self) -> ZeroParamStatus:
+        """``AVAILABLE`` when gathered, ``INFLIGHT`` while gathering, else ``NOT_AVAILABLE`` (equal to those
+        strings too)."""
         return self._sw_sharded.status
 
     @property
@@ -91,10 +94,10 @@ def attach(param: torch.nn.Parameter, unit: ParamUnit, strategy: Stage3Strategy)
     """Make ``param`` a ZeRO-3 parameter of ``unit``: its ``ShardedParam`` and the ``ds_*`` properties.
 
     The ``__class__`` switch is kept because DeepSpeed code reads ``param.ds_shape`` etc. on the parameter itself
-    and a subclass adds them without copying the tensor; plain ``nn.Parameter`` only (other subclasses keep their
-    class and are reached through ``sharded()``)."""
+    and a subclass adds them without copying the tensor; plain ``nn.Parameter`` and ``zero.Init``'s subclass only
+    (other subclasses keep their class and are reached through ``sharded()``)."""
     state = ShardedParam(unit, next(i for i, p in enumerate(unit.params) if p is param), strategy)
     param._sw_sharded = state
-    if type(param) is torch.nn.Parameter:
+    if type(param) is torch.nn.Parameter or isinstance(param, ZeroParameter):  # incl. zero.Init's subclass
         param.__class__ = ZeroParameter
     return state

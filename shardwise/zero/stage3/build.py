@@ -52,10 +52,10 @@ class Stage3Group:
         """All shards of the group (None when they live in a file)."""
         return self.store.view(0, self.total)
 
-    def allocate_master(self, device: torch.device, pin: bool = False) -> None:
-        """fp32 master weights of this rank's shards."""
+    def allocate_master(self, device: torch.device, pin: bool = False, dtype: torch.dtype | None = None) -> None:
+        """Master weights of this rank's shards: fp32, or ``dtype`` (16-bit master weights)."""
         values = self.store.fetch(0, self.total)
-        master = values.detach().to(device=device, dtype=master_dtype(self.dtype), copy=True)
+        master = values.detach().to(device=device, dtype=dtype or master_dtype(self.dtype), copy=True)
         if pin and device.type == "cpu":
             from shardwise.accelerator import get_accelerator
 

@@ -10,6 +10,7 @@ from collections import deque
 
 import torch
 
+from shardwise.zero.errors import outside_engine_error
 from shardwise.zero.flat_optimizer import FlatOptimizer
 from shardwise.zero.policy import ZeroPolicy
 from shardwise.zero.stage3.build import Stage3Group
@@ -38,6 +39,8 @@ class GradReduction:
 
     def on_grad_ready(self, unit: ParamUnit, index: int) -> None:
         """A parameter's gradient for this backward is complete; reduce the unit once all of them are."""
+        if self.phase is not Phase.BACKWARD:
+            raise outside_engine_error(unit.shapes[index])
         if unit.grad_full is None:
             unit.attach_grads(self.policy.grad_dtype)
         unit.absorb_grad(index)

@@ -48,7 +48,8 @@ class Stage3Strategy(FetchRelease, GradReduction, StateAccess, StrategyBase):
         materialize_shards(self.units, group, self)
         for g in self.groups:
             if g is not None:
-                g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory)
+                g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory,
+                                  policy.master_dtype)
         self.optimizer = self._build_optimizer(basic, zero_config)
         self.trace = FetchTrace(*prefetch_limits(self.units, zero_config))
         self.module_units = module_units(module, owned, unit_root, self.param_unit)
