@@ -1,13 +1,12 @@
 """``build_engine``: apply precision, parallelism and the optimizer to a model, in one fixed, commented order.
 
 Order (each step assumes the previous ones):
-1. cast the model to its training dtype and move it to this rank's device;
+1. determinism switches; cast the model to its training dtype and move it to this rank's device;
 2. build the basic optimizer (client object, client callable, or the config's ``optimizer`` section);
-3. choose the ZeRO policy and wrap: flatten parameters, partition master weights/state, register gradient hooks;
-4. make every data-parallel replica start from rank 0's weights (one broadcast per flat buffer);
-5. LR schedule (client object, client callable on the basic optimizer, or the config's ``scheduler``);
-6. the training data loader.
-Tensor/pipeline splitting and ZeRO-3 slot in before (3) as they land; see ARCHITECTURE.md lesson 5.
+3. ``apply_parallelism``: the one place the parallel layouts are applied, in the order its docstring gives
+   (tensor plan -> pipeline split -> activation checkpointing -> ZeRO -> offload, then one starting point);
+4. LR schedule (client object, client callable on the basic optimizer, or the config's ``scheduler``);
+5. the training data loader; then the ``Engine`` (or the pipeline engine) around all of it.
 """
 
 from __future__ import annotations
@@ -53,19 +52,42 @@ def build_engine(*, module: nn.Module, config: ShardwiseConfig, topology: Topolo
     enable_deterministic(config)  # "deterministic": true (engine/determinism.py)
     _cast_and_place(module, model_dtype(config))
     basic = _build_basic_optimizer(module, config, optimizer, model_parameters)
-    strategy = _build_strategy(module, config, topology, basic, default_grad_accum_dtype) if basic is not None else None
-    if strategy is not None and hasattr(basic, "bind_partitions"):  # Muon: where its matrices' pieces lie
-        basic.bind_partitions(strategy)
-    _broadcast_from_first_replica(module, strategy, topology)
+    strategy = apply_parallelism(module, config, topology, basic, default_grad_accum_dtype)
     scheduler = _build_scheduler(config, lr_scheduler, basic)
     loader = None
     if training_data is not None:
         loader = build_training_loader(training_data, config, topology.size("dp"), topology.coord("dp"), collate_fn)
-    _configure_activation_checkpointing(config, topology)
     engine = engine_cls(module=module, config=config, topology=topology, strategy=strategy, scaler=make_scaler(config),
                     lr_scheduler=scheduler, training_dataloader=loader)
     _log_build(engine)
     return engine
+
+
+def apply_parallelism(module: nn.Module, config: ShardwiseConfig, topology: Topology,
+                      basic: torch.optim.Optimizer | None, default_grad_accum_dtype: str | None = None
+                      ) -> ShardingStrategy | None:
+    """Apply every parallel layout to ``module`` (already cast and placed), in this order; returns the strategy.
+
+    1. Tensor-parallel plan: done before the engine exists, so every later step sees only this rank's pieces:
+       AutoTP training (``tensor_parallel.autotp_size``) splits a Hugging Face model in ``api.initialize``
+       (``tp/autotp.py``), and Megatron-style models are built from ``tp/`` layers with a topology.
+    2. Pipeline split: also done before, by constructing a ``PipelineModule`` (``pipe/module.py``), which holds
+       only this stage's layers; the pipeline engine (``pipe/engine.py``) is built through this same path.
+    3. Activation checkpointing: a config ``activation_checkpointing`` section configures ``shardwise.checkpointing``
+       for this topology (partitions over the tensor group), unless the script configured it itself.
+    4. ZeRO: the sharding strategy takes the model's trainable parameters and the optimizer: flat buffers (stages
+       0-2) or units with shards (stage 3), fp32 masters, gradient hooks (``engine/strategy.py``).
+    5. Offload: part of the ZeRO policy; the strategy puts optimizer states (and, at stage 3, parameter shards) on
+       the host or NVMe as it allocates them.
+    Last, every data-parallel replica starts from the weights of its ZeRO group's first rank, and an optimizer that
+    needs to know where its matrices' pieces lie (Muon) is told.
+    """
+    _configure_activation_checkpointing(config, topology)
+    strategy = _build_strategy(module, config, topology, basic, default_grad_accum_dtype) if basic is not None else None
+    if strategy is not None and hasattr(basic, "bind_partitions"):  # Muon: where its matrices' pieces lie
+        basic.bind_partitions(strategy)
+    _broadcast_from_first_replica(module, strategy, topology)
+    return strategy
 
 
 def _configure_activation_checkpointing(config: ShardwiseConfig, topology: Topology) -> None:
