@@ -3,7 +3,7 @@
 The engine counts micro-steps, scales the loss (gradient accumulation, fp16 loss scale), decides the accumulation
 boundary, computes the global gradient norm once, clips, skips overflowed steps, steps the LR schedule and prints
 the step log. Where gradients live and how they are reduced belongs to the sharding strategy it was built with
-(an ``engine/strategy.py`` ``ShardingStrategy``: ``zero/flat_strategy.py`` for stages 0-2, ``zero/stage3.py`` for
+(an ``engine/strategy.py`` ``ShardingStrategy``: ``zero/flat_strategy.py`` for stages 0-2, ``zero/stage3/`` for
 stage 3). DeepSpeed's ``DeepSpeedEngine`` method names are kept.
 """
 

@@ -85,7 +85,7 @@ CYCLES_ALLOWED: list[set[str]] = []
 #: the leaf helpers to their own package removes this one.
 PACKAGE_CYCLES_ALLOWED: list[set[str]] = [{"checkpoint", "sp", "tp", "utils"}]
 #: files besides comm/topology.py that still create process groups (helper i16b moves this one into topology)
-NEW_GROUP_ALLOWED: set[str] = {"tp/mpu.py"}
+NEW_GROUP_ALLOWED: set[str] = set()
 #: files outside config/ that still read the raw config dict
 RAW_ALLOWED: set[str] = set()
 #: parameters typed Any although they are an engine/strategy/config/topology/mpu, as {file: how many}
