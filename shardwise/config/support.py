@@ -297,6 +297,20 @@ FEATURES: tuple[Feature, ...] = (
     Feature("optimizer.type", R, NOT_ONE_BIT, _ONE_BIT),  # OneBitAdam, ZeroOneAdam, OneBitLamb
 )
 
+
+#: ``init_inference`` keys shardwise refuses when active (the inference config's part of this table): (key, whether
+#: the validated inference config uses it, the fix). Checked by ``inference/config.py``'s loader.
+INFERENCE_FEATURES_REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("use_triton", lambda c: c.use_triton, "Triton inference kernels are not implemented; remove use_triton"),
+    ("quant", lambda c: bool(c.quant.get("enabled", False)) if c.quant else False,
+     "MoQ quantization is not implemented; remove quant or set enabled false"),
+    ("zero", lambda c: int(c.zero.get("stage", 0) or 0) > 0 if c.zero else False,
+     "ZeRO-Inference is not implemented; split the model with tensor_parallel.tp_size instead"),
+    ("save_mp_checkpoint_path", lambda c: bool(c.save_mp_checkpoint_path),
+     "saving a re-sharded checkpoint is not implemented; shardwise reads the full checkpoint per rank directly"),
+)
+
+
 _MISSING = object()
 
 

@@ -24,6 +24,7 @@ from shardwise.config import dtypes
 from shardwise.config.errors import KIND_CONFLICT, KIND_SOURCE, KIND_UNSUPPORTED, ConfigError, problems_from_validation
 from shardwise.config.schema_base import Section
 from shardwise.config.sources import read_file
+from shardwise.config.support import INFERENCE_FEATURES_REFUSED
 
 _DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 
@@ -176,17 +177,6 @@ class DeepSpeedInferenceConfig(_Model):
         return str(value) if value else None
 
 
-_UNSUPPORTED = (
-    ("use_triton", lambda c: c.use_triton, "Triton inference kernels are not implemented; remove use_triton"),
-    ("quant", lambda c: bool(c.quant.get("enabled", False)) if c.quant else False,
-     "MoQ quantization is not implemented; remove quant or set enabled false"),
-    ("zero", lambda c: int(c.zero.get("stage", 0) or 0) > 0 if c.zero else False,
-     "ZeRO-Inference is not implemented; split the model with tensor_parallel.tp_size instead"),
-    ("save_mp_checkpoint_path", lambda c: bool(c.save_mp_checkpoint_path),
-     "saving a re-sharded checkpoint is not implemented; shardwise reads the full checkpoint per rank directly"),
-)
-
-
 def load_inference_config(config: str | dict | DeepSpeedInferenceConfig | None = None,
                           kwargs: dict[str, Any] | None = None) -> DeepSpeedInferenceConfig:
     """Merge ``config`` (dict, JSON path or config object) with ``kwargs`` (which win) and validate."""
@@ -214,7 +204,7 @@ def load_inference_config(config: str | dict | DeepSpeedInferenceConfig | None =
     except ValidationError as exc:
         problems = problems_from_validation(exc)
         raise ConfigError.from_problems(problems) from None
-    for key, active, why in _UNSUPPORTED:
+    for key, active, why in INFERENCE_FEATURES_REFUSED:
         if active(cfg):
             raise ConfigError(f"{key}: {why}", path=key, kind=KIND_UNSUPPORTED)
     return cfg
