@@ -279,6 +279,12 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.zero_quantized_nontrainable_weights", N, OFF, "quantized frozen weights"),  # zero
     Feature("zero_optimization.legacy_stage1", N, OFF, "DeepSpeed's old stage 1; use stage 1"),  # zero
     Feature("tensor_parallel.autotp_size", S, note="AutoTP training of HF models, with ZeRO 0-2"),  # tp/autotp.py
+    Feature("tensor_parallel.tp.tp_grain_size", S, note="grain of AutoTP's MLP splits"),  # tp/autotp.py
+    Feature("tensor_parallel.tp_overlap_comm", H),  # scheduling only
+    Feature("tensor_parallel.preset_model", W, NULL,
+            "the AutoTP plan follows the model's config (base_model_tp_plan, else model_type)"),  # tp/resolve.py
+    Feature("tensor_parallel.partition_config", N, NULL,
+            "custom AutoTP partition rules; set config.base_model_tp_plan on the model"),  # tp/resolve.py
     Feature("tensor_parallel.tp.tp_size", N, TP_OFF, "a training tp group size; use autotp_size"),  # tp/
     Feature("tensor_parallel.replace_with_kernel_inject", N, OFF, "DeepSpeed inference kernels"),  # inference
     Feature("checkpoint.use_node_local_storage", N, OFF, "save to shared storage"),  # checkpoint/

@@ -105,6 +105,33 @@ class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
         """Whether the model trains in fp16 with loss scaling."""
         return self._config.fp16.enabled
 
+    def fp16_master_weights_and_gradients(self) -> bool:
+        """Whether fp16 master weights and gradients are kept (``fp16.fp16_master_weights_and_grads``)."""
+        return bool(self._config.fp16.enabled and self._config.fp16.fp16_master_weights_and_grads)
+
+    def bf16_master_weights_and_gradients(self) -> bool:
+        """Whether bf16 master weights and gradients are kept (``bf16.bf16_master_weights_and_grads``)."""
+        return bool(self._config.bf16.enabled and self._config.bf16.bf16_master_weights_and_grads)
+
+    def bf16_optimizer_states(self) -> bool:
+        """Whether optimizer states are kept in bf16 (``bf16.bf16_optimizer_states``)."""
+        return bool(self._config.bf16.enabled and self._config.bf16.bf16_optimizer_states)
+
+    def torch_autocast_enabled(self) -> bool:
+        """Whether forward runs under ``torch.autocast`` (``torch_autocast.enabled``)."""
+        return self._autocast.enabled
+
+    def torch_autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype (None when ``torch_autocast`` is off)."""
+        return self._autocast.dtype
+
+    def torch_autocast_lower_precision_safe_modules(self) -> list[str]:
+        """``torch_autocast.lower_precision_safe_modules``, DeepSpeed's default when unset."""
+        from shardwise.engine.autocast import DEFAULT_SAFE_MODULES
+
+        names = self._config.torch_autocast.lower_precision_safe_modules
+        return list(DEFAULT_SAFE_MODULES if names is None else names)
+
     def gradient_clipping(self) -> float:
         """The global-norm clipping threshold (0: off)."""
         return self._config.gradient_clipping

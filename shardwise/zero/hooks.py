@@ -27,8 +27,10 @@ def outside_engine_error(shape: Any) -> BackwardOutsideEngineError:
     return BackwardOutsideEngineError(
         f"a gradient reached a parameter of shape {tuple(shape)} in a backward pass the engine did not see start: "
         "the loss was not computed from the engine's forward (engine(...)), e.g. engine.module(...) was called "
-        "directly. Fix: compute the loss from engine(...) outputs (then loss.backward() or engine.backward(loss) "
-        "both work)")
+        "directly, or the forward returned its tensors inside an object torch.utils._pytree cannot look into. Fix: "
+        "compute the loss from engine(...) outputs (then loss.backward() or engine.backward(loss) both work), "
+        "return tensors, tuples, dicts or dataclasses registered with torch.utils._pytree, or call "
+        "engine.backward(loss)")
 
 
 def register_grad_hooks(reducer: GradReducer) -> list[Any]:

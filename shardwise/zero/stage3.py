@@ -372,6 +372,10 @@ class Stage3Strategy:
 
     def begin_backward(self, boundary: bool) -> None:
         """Count the gradients each trainable unit expects in this backward."""
+        if self._in_backward:  # the previous pass never ended (backward raised): drop its partial gradients
+            for u in self.units:
+                if u.trainable and u.pending_grads != -1:
+                    u.take_grads()
         self._in_backward = True
         for u in self.units:
             if u.trainable:
