@@ -22,6 +22,8 @@ so it needs no switch; deterministic mode documents and tests that:
   communicate;
 - the global gradient norm: per-rank float64 sums of ``torch._foreach_norm`` results in group order, then
   all-reduces over fixed groups;
+- shardwise's own gloo reduce-scatter (``comm/direct.py``): the owner adds its chunk and then the peers' in a fixed
+  rank order, after every message has arrived, whatever order they arrived in;
 - the collectives: gloo's and NCCL's algorithms reduce in an order fixed by the ranks and the message size (NCCL
   also by ``NCCL_ALGO``/``NCCL_PROTO`` and the topology: keep them the same between runs);
 - pipeline and tensor parallelism: point-to-point sends in schedule order; tensor-parallel all-reduces in forward
@@ -34,14 +36,18 @@ What stays the user's: seeds (``torch.manual_seed``, data order), the same numbe
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from shardwise.config import ShardwiseConfig
+
 
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def enable_deterministic(config: Any) -> bool:
+def enable_deterministic(config: ShardwiseConfig) -> bool:
     """Switch torch to deterministic algorithms when ``config.deterministic`` is on; returns whether it did."""
     if not getattr(config, "deterministic", False):
         return False

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,11 +28,14 @@ from torch import nn
 
 from shardwise.comm.group import Group
 from shardwise.comm.topology import Topology
+from shardwise.sp.hf_attention import SUPPORTED_IMPLEMENTATIONS, model_eager_function
 from shardwise.sp.hf_masks import FullSequence
-from shardwise.sp.hf_ulysses import SUPPORTED_IMPLEMENTATIONS, UlyssesSPAttentionHF, model_eager_function
 from shardwise.tp.mappings import all_gather_dim
 from shardwise.tp.mpu import ModelParallelUnit
 from shardwise.utils.logging import logger
+
+if TYPE_CHECKING:  # the wrapper class calls into this module; the class itself is passed in as ``cls``
+    from shardwise.sp.hf_ulysses import UlyssesSPAttentionHF
 
 
 @dataclass
@@ -94,7 +97,7 @@ def register_with_transformers(model_name_or_path: Any, core_attn_implementation
                                micro_batch_size: int, *, seq_length: int | None = None,
                                seq_length_is_variable: bool = True, disable_in_eval: bool = False,
                                max_length: int | None = None,
-                               cls: type[UlyssesSPAttentionHF] = UlyssesSPAttentionHF) -> ModelParallelUnit | None:
+                               cls: type[UlyssesSPAttentionHF]) -> ModelParallelUnit | None:
     """Make ``core_attn_implementation`` ("sdpa" or "eager"; None means "sdpa", the default accelerate documents
     for ``sp_attn_implementation``) sequence-parallel for this model; returns the mpu.
 

@@ -2,11 +2,14 @@
 
 DeepSpeed gathers a leaf module's whole subtree at its forward instead of hooking each child (mixture-of-experts
 blocks whose routing skips some experts). The mark is the ``_z3_leaf`` attribute, as in DeepSpeed; these helpers
-set, clear and read it."""
+set, clear and read it. shardwise's ZeRO-3 does not read the mark yet: :func:`set_z3_leaf_modules` says so in a
+warning rather than pretending to honour it."""
 
 from __future__ import annotations
 
 from torch import nn
+
+from shardwise.utils.logging import logger
 
 
 def _matches(module: nn.Module, classes: list[type | str]) -> bool:
@@ -27,6 +30,8 @@ def set_z3_leaf_modules(model: nn.Module, leaf_module_classes: list[type | str])
         raise ValueError(f"set_z3_leaf_modules: no submodule of {type(model).__name__} is one of {names}")
     for m in marked:
         m._z3_leaf = True
+    logger.warning("set_z3_leaf_modules: marked %d module(s) as ZeRO-3 leaves, but shardwise's ZeRO-3 does not honour "
+                   "leaf marks yet (each submodule is still gathered by its own hooks)", len(marked))
     return marked
 
 

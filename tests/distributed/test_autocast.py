@@ -131,14 +131,17 @@ def test_autocast_pipeline_matches_single_process() -> None:
             assert _rel(value, ref_state[name]) <= RTOL, name
 
 
-def _fp16_scale() -> float:
+def _fp16_scale() -> tuple:
     cfg = _cfg(2, torch_autocast={"enabled": True, "dtype": "fp16"})
     engine, _, _, _ = shardwise.initialize(model=tiny_mlp(seed=0), config=cfg)
-    return engine.get_loss_scale()
+    return (engine.get_loss_scale(), engine.torch_autocast_enabled(), engine.torch_autocast_dtype(),
+            engine.torch_autocast_lower_precision_safe_modules())
 
 
-def test_fp16_autocast_gets_a_dynamic_loss_scale() -> None:
-    assert run_ranks(_fp16_scale)[0] == 2.0**16
+def test_fp16_autocast_gets_a_dynamic_loss_scale_and_the_accessors_answer() -> None:
+    scale, enabled, dtype, safe = run_ranks(_fp16_scale)[0]
+    assert scale == 2.0**16 and enabled and dtype == torch.float16
+    assert safe == ["torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "torch.nn.Conv3d"]
 
 
 def _bad(cfg: dict) -> str:

@@ -58,7 +58,9 @@ def _train(cfg: dict, steps: int = STEPS) -> dict:
     state_dtypes = sorted({str(v.dtype) for st in opt.basic.state.values() for v in st.values()
                            if torch.is_tensor(v) and v.numel() > 1})
     grad_dtypes = sorted({str(t.dtype) for g in groups for t in (g.part_grad, g.full_grad) if t is not None})
-    return {"losses": losses, "memory": engine.memory_breakdown(), "master": sorted({str(g.master.dtype)
+    flags = (engine.bf16_master_weights_and_gradients(), engine.bf16_optimizer_states(),
+             engine.fp16_master_weights_and_gradients())
+    return {"flags": flags, "losses": losses, "memory": engine.memory_breakdown(), "master": sorted({str(g.master.dtype)
             for g in groups}), "states": state_dtypes, "grads": grad_dtypes,
             "params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())}
 
@@ -72,6 +74,7 @@ def test_bf16_master_and_states(stage: int) -> None:
         assert got["master"] == ["torch.bfloat16"] and want["master"] == ["torch.float32"]
         assert got["states"] == ["torch.bfloat16"] and want["states"] == ["torch.float32"]
         assert got["grads"] == ["torch.bfloat16"]
+        assert got["flags"] == (True, True, False) and want["flags"] == (False, False, False)
         # half the bytes for master weights and optimizer states
         assert got["memory"]["master_weights"] * 2 == want["memory"]["master_weights"]
         assert got["memory"]["optimizer_states"] * 2 == want["memory"]["optimizer_states"]
@@ -116,3 +119,55 @@ def test_refusals_name_the_key_and_fix(cfg: dict, words: list[str]) -> None:
     message = run_ranks(_refused, cfg)[0]
     for word in words:
         assert word in message, message
+
+
+def _resume(cfg: dict, path: str, load: bool) -> list[float]:
+    engine, _, _, _ = shardwise.initialize(model=tiny_transformer(seed=0), config=cfg)
+    rank = engine.topology.coord("dp")
+    start = 0
+    if load:
+        engine.load_checkpoint(path)
+        start = 3
+    losses = []
+    for step in range(start, 5):
+        if step == 3 and not load:
+            engine.save_checkpoint(path)
+        x, y = rank_batch(step % 4, rank, kind="gpt")
+        loss = engine(x, y)
+        engine.backward(loss)
+        engine.step()
+        if step >= 3:
+            losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_checkpoint_resume_with_bf16_masters_is_exact(stage: int, tmp_path) -> None:
+    cfg = _cfg(stage, master16=True, states16=True)
+    first = run_ranks(_resume, cfg, str(tmp_path), False)
+    second = run_ranks(_resume, cfg, str(tmp_path), True)
+    assert first == second
+
+
+def _blog_recipe(stage: int) -> dict:
+    """DeepSpeed's low-precision example: torch_autocast + bf16 masters and states, plain loss.backward()."""
+    cfg = {**_cfg(stage, master16=True, states16=True), "torch_autocast": {"enabled": True, "dtype": "bfloat16"}}
+    engine, _, _, _ = shardwise.initialize(model=tiny_transformer(seed=0), config=cfg)
+    rank = engine.topology.coord("dp")
+    losses = []
+    for step in range(8):
+        x, y = rank_batch(step % 4, rank, kind="gpt")
+        loss = engine(x, y)
+        loss.backward()
+        engine.step()
+        losses.append(loss.item())
+    return {"losses": losses, "autocast": engine.torch_autocast_enabled(),
+            "master": str(engine.strategy.optimizer.live_groups[0].master.dtype)}
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_autocast_with_bf16_masters_and_plain_backward(stage: int) -> None:
+    for res in run_ranks(_blog_recipe, stage):
+        assert res["autocast"] and res["master"] == "torch.bfloat16"
+        assert all(torch.isfinite(torch.tensor(res["losses"])))
+        assert res["losses"][-1] < res["losses"][0]

@@ -30,21 +30,26 @@ def ds_config(stage: int, **extra: object) -> dict:
     return cfg
 
 
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> str:
-    """A 2-layer random LlamaForCausalLM saved as safetensors; its path."""
+def save_tiny_llama(path: str) -> str:
+    """Save a 2-layer random LlamaForCausalLM (seed 0) as safetensors under ``path``; returns ``path``."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    path = tmp_path_factory.mktemp("tiny_llama")
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=False)
     LlamaForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    return path
 
 
-def _env() -> dict[str, str]:
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """The tiny Llama of :func:`save_tiny_llama`, saved once per session; its path."""
+    return save_tiny_llama(str(tmp_path_factory.mktemp("tiny_llama")))
+
+
+def hf_env() -> dict[str, str]:
+    """The environment the HF scripts run in: CPU, one thread per rank, offline, this checkout first."""
     env = dict(os.environ)
     for name in ("CUDA_VISIBLE_DEVICES", "DS_ENV_FILE", "SHARDWISE_ENV_FILE", "WORLD_SIZE", "RANK", "LOCAL_RANK",
                  "MASTER_ADDR", "MASTER_PORT"):
@@ -66,7 +71,7 @@ def run_script(script: str, args: list[str], tmp: Path, ranks: int | None = 2, c
         argv += ["--deepspeed", str(cfg_path)]
     cmd = [sys.executable, *argv] if ranks is None else \
         [sys.executable, "-m", "shardwise.launcher.cli", "--num_gpus", str(ranks), *argv]
-    proc = subprocess.run(cmd, cwd=tmp, env=_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=tmp, env=hf_env(), capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n" \
                                  f"{proc.stderr[-6000:]}"
     return json.loads((out / "result.json").read_text())

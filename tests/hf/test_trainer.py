@@ -77,3 +77,24 @@ def test_peft_lora_on_zero3_trains_the_adapters_only(tiny_llama: str, tmp_path: 
     assert z3["lora_counts"] == ref["lora_counts"] and ref["lora_counts"][0] < ref["lora_counts"][1]
     assert z3["trainable"] == ref["trainable"] == ref["lora_counts"][0] and z3["total"] == ref["total"]
     assert _close(z3["losses"], ref["losses"]), (z3["losses"], ref["losses"])
+
+
+SCHEDULER = {"type": "WarmupLR", "params": {"warmup_min_lr": "auto", "warmup_max_lr": "auto",
+                                            "warmup_num_steps": "auto", "warmup_type": "linear"}}
+
+
+def test_trainer_zero3_cpu_offload_with_deepspeed_scheduler(tiny_llama: str, tmp_path: Path) -> None:
+    ref = run_script("trainer_run.py", ["--model", tiny_llama, "--out", str(tmp_path / "ref"), "--batch", "4",
+                                        "--ds_warmup_reference", "2"], tmp_path, ranks=None)
+    cfg = ds_config(3, optimizer=OPTIMIZER, scheduler=SCHEDULER)
+    cfg["zero_optimization"].update(offload_optimizer={"device": "cpu"}, offload_param={"device": "cpu"})
+    off = run_script("trainer_run.py", ["--model", tiny_llama, "--out", str(tmp_path / "off"), "--batch", "2",
+                                        "--warmup_steps", "2"], tmp_path, config=cfg)
+    assert off["zero_init"] and _close(off["losses"], ref["losses"]), (off["losses"], ref["losses"])
+
+
+def test_trainer_bf16_auto_trains_close_to_fp32(tiny_llama: str, reference, tmp_path: Path) -> None:
+    ref, _ = reference
+    bf = run_script("trainer_run.py", ["--model", tiny_llama, "--out", str(tmp_path / "bf"), "--batch", "2",
+                                       "--bf16"], tmp_path, config=ds_config(2))
+    assert bf["world"] == 2 and _close(bf["losses"], ref["losses"], tol=5e-3), (bf["losses"], ref["losses"])

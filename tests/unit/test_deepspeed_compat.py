@@ -213,3 +213,27 @@ def test_zero_init_params_carry_ds_attributes_and_follow_the_config() -> None:
         assert r["numel"] == 15 and r["shape"] == (3, 5) and r["dtype"] == "torch.bfloat16" and r["data"] == 0
         assert r["before"] and r["during"] and r["ids"][0] != r["ids"][1]
     assert r0["local"] + r1["local"] == 15
+
+
+def test_schedules_refuse_zero_step_sizes() -> None:
+    from shardwise.runtime.lr_schedules import LRRangeTest, OneCycle
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
+    with pytest.raises(ValueError, match=r"lr_range_test_step_size=0 must be a positive"):
+        LRRangeTest(opt, lr_range_test_step_size=0)
+    with pytest.raises(ValueError, match=r"cycle_first_step_size=0 must be a positive"):
+        OneCycle(opt, cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=0)
+    with pytest.raises(ValueError, match=r"cycle_second_step_size=0 must be a positive"):
+        OneCycle(opt, cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, cycle_second_step_size=0)
+
+
+def test_cpu_device_count_is_the_local_rank_count(monkeypatch) -> None:
+    from shardwise.accelerator.cpu import CpuAccelerator
+
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert CpuAccelerator().device_count() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert CpuAccelerator().device_count() == 2
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert CpuAccelerator().device_count() == 4

@@ -32,6 +32,21 @@ class Losses(TrainerCallback):
             self.losses.append(float(logs["loss"]))
 
 
+class WarmupLRTrainer(Trainer):
+    """Trainer with the lr sequence of DeepSpeed's WarmupLR (linear, min 0): optimizer step k (from 0) uses
+    lr * min(1, max(0, k - 1) / N), since WarmupLR sets its first value at construction and again at its first
+    step(). Lets a plain single-process run reproduce a DeepSpeed-scheduler run."""
+
+    ds_warmup_steps = 0
+
+    def create_scheduler(self, num_training_steps, optimizer=None):
+        if self.lr_scheduler is None:
+            n = self.ds_warmup_steps
+            self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(
+                optimizer or self.optimizer, lambda k: min(1.0, max(0, k - 1) / n))
+        return self.lr_scheduler
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--model", required=True)
@@ -47,13 +62,16 @@ def main() -> None:
     p.add_argument("--resume", default=None)
     p.add_argument("--save_model", action="store_true")
     p.add_argument("--lora", action="store_true")
+    p.add_argument("--bf16", action="store_true")
+    p.add_argument("--ds_warmup_reference", type=int, default=0,
+                   help="reference runs only: DeepSpeed WarmupLR's linear warmup over N steps (first two steps 0)")
     a = p.parse_args()
     args = TrainingArguments(
         output_dir=a.out, per_device_train_batch_size=a.batch, gradient_accumulation_steps=a.gas,
         max_steps=a.steps, learning_rate=1e-3, weight_decay=0.01, lr_scheduler_type=a.lr_scheduler_type,
         warmup_steps=a.warmup_steps, logging_steps=1, report_to=[], seed=7, deepspeed=a.deepspeed,
         save_strategy="steps" if a.save_steps else "no", save_steps=a.save_steps or 500, use_cpu=True,
-        dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0,
+        dataloader_num_workers=0, disable_tqdm=True, max_grad_norm=1.0, bf16=a.bf16,
     )
     model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     loaded = list(model.parameters())  # under ZeRO-3, from_pretrained builds them in zero.Init: ds_* set already
@@ -68,8 +86,10 @@ def main() -> None:
                                                  lora_dropout=0.0, init_lora_weights="gaussian"))
         lora_counts = list(model.get_nb_trainable_parameters())
     losses = Losses()
-    trainer = Trainer(model=model, args=args, train_dataset=TokenDataset(64, 16, model.config.vocab_size),
-                      callbacks=[losses])
+    trainer_class = WarmupLRTrainer if a.ds_warmup_reference else Trainer
+    trainer = trainer_class(model=model, args=args, train_dataset=TokenDataset(64, 16, model.config.vocab_size),
+                            callbacks=[losses])
+    trainer.ds_warmup_steps = a.ds_warmup_reference
     trainer.train(resume_from_checkpoint=a.resume)
     if a.save_model:
         trainer.save_model(os.path.join(a.out, "final"))
