@@ -138,14 +138,14 @@ def _autotp_topology(model: Any, autotp: int, mpu: Any, sp: int) -> Topology | N
     return Topology(tp=autotp)
 
 
-def _is_ulysses_mpu(mpu: Any) -> bool:
+def _is_ulysses_mpu(mpu: object) -> bool:
     """Whether ``mpu`` is the one ``UlyssesSPAttentionHF.register_with_transformers`` returned."""
     from shardwise.sp.hf_registry import active_mpu
 
     return mpu is active_mpu()
 
 
-def _autotp_world_batch(raw: dict[str, Any], source: Any, topology: Topology, mpu: Any) -> Any:
+def _autotp_world_batch(raw: dict[str, Any], source: Any, topology: Topology, mpu: object) -> Any:
     """The config source, with ``train_batch_size`` restated per data-parallel rank when it was written the way
     DeepSpeed checks it under AutoTP.
 
