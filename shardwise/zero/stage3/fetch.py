@@ -54,13 +54,19 @@ class FetchRelease:
         """Between ``begin_backward`` and ``end_backward`` (read by tests that trace gathers)."""
         return self.phase is Phase.BACKWARD
 
-    def fetch(self, units: list[ParamUnit]) -> None:
-        """Make ``units`` gathered (recording the order and prefetching what the trace says comes next)."""
+    @contextlib.contextmanager
+    def _rebinding(self) -> Iterator[None]:
+        """The strategy itself rebinds parameters' ``.data`` meanwhile (the external-use detector ignores it)."""
         self.internal += 1
         try:
-            self._fetch(units)
+            yield
         finally:
             self.internal -= 1
+
+    def fetch(self, units: list[ParamUnit]) -> None:
+        """Make ``units`` gathered (recording the order and prefetching what the trace says comes next)."""
+        with self._rebinding():
+            self._fetch(units)
 
     def _fetch(self, units: list[ParamUnit]) -> None:
         # backward runs with grad mode off: the engine's begin/end_backward set the phase, so backward fetches are
@@ -82,11 +88,8 @@ class FetchRelease:
 
     def release(self, units: list[ParamUnit]) -> None:
         """Drop full parameters no longer needed (persistent and soon-reused units stay)."""
-        self.internal += 1
-        try:
+        with self._rebinding():
             self._release(units)
-        finally:
-            self.internal -= 1
 
     def _release(self, units: list[ParamUnit]) -> None:
         for u in units:

@@ -85,16 +85,3 @@ class Stage3Strategy(FetchRelease, GradReduction, StateAccess, StrategyBase):
             return SwappedAdam(basic, self.groups, self.policy, self.group, oo.nvme_path, int(zc.sub_group_size),
                                self._io_pool)
         return FlatOptimizer(basic, self.groups, self.policy, self.group)
-
-    # -- the optimizer-facing calls of the protocol ----------------------------------------------------------------
-    def local_grad_norm_sq(self) -> torch.Tensor:
-        """Squared norm of this rank's reduced gradient shards."""
-        return self.optimizer.local_norm_sq()
-
-    def scale_grads(self, factor: float) -> None:
-        """Averaging, unscaling and clipping in one multiply."""
-        self.optimizer.scale_grads(factor)
-
-    def optimizer_step(self) -> None:
-        """Step the fp32 masters, cast them into the shards, refresh persistent units."""
-        self.optimizer.step()
