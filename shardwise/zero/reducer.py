@@ -51,6 +51,8 @@ class GradReducer:
     def begin_backward(self, reduce: bool) -> None:
         """Arm for one backward pass; ``reduce`` says whether this micro-step's gradients are communicated."""
         self._reduce_now = reduce or self.policy.reduce_every_micro_step
+        if self._armed:  # the previous pass never ended (backward raised): drop what it left half-filled
+            self._staging.clear()
         self._armed = True
         if self._reduce_now:
             self._launched.clear()

@@ -74,6 +74,10 @@ class GradReduction:
 
     def begin_backward(self, boundary: bool) -> None:
         """Count the gradients each trainable unit expects in this backward."""
+        if self.phase is Phase.BACKWARD:  # the previous pass never ended (backward raised): drop its partial grads
+            for u in self.units:
+                if u.trainable and u.pending_grads != -1:
+                    u.take_grads()
         self.phase = Phase.BACKWARD
         for u in self.units:
             if u.trainable:
