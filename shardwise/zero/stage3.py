@@ -164,10 +164,10 @@ class Stage3Strategy:
         self.frozen_group = Stage3Group(frozen, None, store_factory("frozen")) if frozen else None
         self.readahead = int(getattr(offload, "buffer_count", 0) or 0) if offload is not None else 0
         self._materialize_shards()
-        for g in self.groups:
-            if g is not None:
-                g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory)
         oo = zero_config.offload_optimizer
+        for g in self.groups:  # (NVMe optimizer offload streams the masters into their files instead)
+            if g is not None and not (oo is not None and oo.device == "nvme"):
+                g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory)
         if oo is not None and oo.device == "nvme":
             if not oo.nvme_path:
                 raise ValueError("zero_optimization.offload_optimizer.device is 'nvme' but nvme_path is not set")
@@ -242,6 +242,8 @@ class Stage3Strategy:
                 values, was_sharded = full_param_values(p, self.group)
                 from_init |= was_sharded
                 full[slot.offset : slot.offset + slot.numel].copy_(values.reshape(-1))
+                if was_sharded:  # the unit's store holds it from now on: drop zero.Init's copy of the shard
+                    del p._sw_init_shard
             if not from_init:  # every replica starts from the first rank's weights
                 comm.broadcast(full, src=self.group.global_rank(0), group=self.group)
             if u.persistent:
