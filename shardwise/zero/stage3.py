@@ -315,8 +315,9 @@ class Stage3Strategy:
     def forward_context(self) -> Iterator[None]:
         """Detect parameters used outside their module during forward (``external.py``)."""
         from shardwise.zero.external import ExternalParameterMode
+        from shardwise.zero.saved_params import saved_param_hooks
 
-        with ExternalParameterMode(self):
+        with ExternalParameterMode(self), saved_param_hooks(self):
             yield
 
     def register_external_units(self, module: nn.Module, units: list[ParamUnit]) -> None:
