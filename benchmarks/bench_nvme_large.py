@@ -145,6 +145,7 @@ def worker(args: argparse.Namespace) -> None:
     zero = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": args.nvme, "buffer_count": 5},
             "offload_optimizer": {"device": "nvme", "nvme_path": args.nvme},
             "sub_group_size": args.sub_group, "stage3_max_live_parameters": 100_000_000,
+            "stage3_max_reuse_distance": 100_000_000,
             "stage3_prefetch_bucket_size": 50_000_000}
     config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
               "steps_per_print": 10**9, "zero_optimization": zero,
