@@ -20,6 +20,8 @@ SECTIONS = [  # (heading, results file, the command that produces it)
     ("Tensor parallelism and activation memory", "tp.md", "python benchmarks/bench_tp.py"),
     ("Pipeline parallelism", "pipe.md", "python benchmarks/bench_pipe.py"),
     ("Inference", "inference.md", "python benchmarks/bench_inference.py"),
+    ("16-bit master weights", "low_precision.md", "python benchmarks/bench_low_precision.py"),
+    ("Deterministic mode", "determinism.md", "python benchmarks/bench_determinism.py"),
 ]
 
 

@@ -25,9 +25,13 @@ _LAZY = {
     "DeepSpeedEngine": ("shardwise.engine", "Engine"),
     "Engine": ("shardwise.engine", "Engine"),
     "ShardwiseConfig": ("shardwise.config", "ShardwiseConfig"),
+    "tp_model_init": ("shardwise.tp.autotp", "tp_model_init"),
+    "__git_hash__": ("shardwise.git_version_info", "git_hash"),
+    "__git_branch__": ("shardwise.git_version_info", "git_branch"),
 }
 _SUBMODULES = {"zero", "checkpointing", "pipe", "comm", "ops", "utils", "runtime", "accelerator", "inference",
-               "config", "moe", "sequence", "tp", "sp", "checkpoint", "launcher", "models", "monitor", "profiling"}
+               "config", "sequence", "tp", "sp", "checkpoint", "launcher", "models", "monitor", "profiling",
+               "alias", "git_version_info"}
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,7 @@ from torch import nn
 
 from shardwise import comm
 from shardwise.comm.topology import Topology
-from shardwise.config import add_config_arguments, load_config, read_config_dict, sequence_parallel_size
+from shardwise.config import add_config_arguments, autotp_size, load_config, read_config_dict, sequence_parallel_size
 from shardwise.config.errors import ConfigError
 from shardwise.config.schema_comms import comms_timeout
 from shardwise.monitor.utils import check_backends
@@ -56,6 +56,7 @@ def initialize(
                           timeout=comms_timeout(raw))
     topology = _topology(raw, model, mpu, mesh_param)
     cfg = load_config(source, dp_world_size=topology.size("dp"))
+    _apply_autotp(model, cfg, topology)
     comm.configure(cfg.comms_logger)
     check_backends(cfg)  # a monitor whose package is missing fails here, on every rank, before any work
     if _is_pipeline_module(model):
@@ -79,10 +80,19 @@ def _is_pipeline_module(model: Any) -> bool:
 
 
 def _topology(raw: dict[str, Any], model: Any, mpu: Any, mesh_param: Any) -> Topology:
-    """The process grid: a pipeline module's own topology, a Megatron-style mpu's, or data (x sequence) parallel."""
+    """The process grid: a pipeline module's own topology, a Megatron-style mpu's, AutoTP's (tensor x data), or
+    data (x sequence) parallel."""
+    autotp = autotp_size(raw)
     if _is_pipeline_module(model):
+        if autotp > 1:
+            raise ConfigError(f"tensor_parallel.autotp_size = {autotp} with a PipelineModule: AutoTP training splits "
+                              "Hugging Face models, not pipelines. Fix: remove autotp_size, or give the "
+                              "PipelineModule a topology with a tensor axis", path="tensor_parallel.autotp_size")
         return model.topology()
     sp = sequence_parallel_size(raw)
+    autotp_topology = _autotp_topology(model, autotp, mpu, sp)
+    if autotp_topology is not None:
+        return autotp_topology
     if mpu is not None:
         from shardwise.tp.mpu import topology_from_mpu
 
@@ -95,3 +105,43 @@ def _topology(raw: dict[str, Any], model: Any, mpu: Any, mesh_param: Any) -> Top
     if mesh_param is not None:
         _, sp = mesh_param
     return Topology(sp=sp)
+
+
+def _autotp_topology(model: Any, autotp: int, mpu: Any, sp: int) -> Topology | None:
+    """The tensor x data grid of AutoTP training: the one ``tp_model_init`` split the model over, or a new one for
+    ``tensor_parallel.autotp_size`` (the model is split after the config is validated); None without AutoTP."""
+    from shardwise.tp.autotp import applied_topology
+
+    applied = applied_topology(model) if isinstance(model, nn.Module) else None
+    if applied is None and autotp <= 1:
+        return None
+    if mpu is not None:
+        raise ConfigError("tensor_parallel.autotp_size (or tp_model_init) together with an mpu: AutoTP builds its own "
+                          "tensor x data grid. Fix: pass mpu=None, or drop autotp_size and split the model "
+                          "yourself", path="tensor_parallel.autotp_size")
+    if sp > 1:
+        raise ConfigError(f"tensor_parallel.autotp_size with sequence_parallel_size = {sp}: AutoTP training does not "
+                          "combine with Ulysses yet. Fix: drop one of them", path="sequence_parallel_size")
+    if applied is not None:
+        if autotp > 1 and autotp != applied.size("tp"):
+            raise ConfigError(f"tensor_parallel.autotp_size = {autotp}, but tp_model_init split the model over "
+                              f"{applied.size('tp')} ranks. Fix: make them equal or drop autotp_size",
+                              path="tensor_parallel.autotp_size")
+        return applied
+    return Topology(tp=autotp)
+
+
+def _apply_autotp(model: Any, cfg: Any, topology: Topology) -> None:
+    """Split the model for ``tensor_parallel.autotp_size`` unless ``tp_model_init`` already did."""
+    from shardwise.tp.autotp import applied_topology, autotp_split
+
+    if _is_pipeline_module(model):
+        return
+    applied = applied_topology(model)
+    if applied is not None and cfg.zero_optimization.stage == 3:
+        raise ConfigError(f"zero_optimization.stage 3 with a model split by tp_model_init (tp={applied.size('tp')}): "
+                          "AutoTP training combines with ZeRO stages 0-2 only (as in DeepSpeed). Fix: use stage 1 "
+                          "or 2", path="zero_optimization.stage")
+    if cfg.tensor_parallel.autotp_size <= 1 or applied is not None:
+        return
+    autotp_split(model, topology, mlp_grain=cfg.tensor_parallel.tp.tp_grain_size)

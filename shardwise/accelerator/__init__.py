@@ -11,7 +11,8 @@ import os
 
 from shardwise.accelerator.base import Accelerator
 
-__all__ = ["Accelerator", "AcceleratorError", "get_accelerator", "set_accelerator", "KNOWN_ACCELERATORS"]
+__all__ = ["Accelerator", "AcceleratorError", "get_accelerator", "is_current_accelerator_supported",
+           "set_accelerator", "KNOWN_ACCELERATORS"]
 
 KNOWN_ACCELERATORS = ("cpu", "cuda", "hpu")
 _ENV_VARS = ("SHARDWISE_ACCELERATOR", "DS_ACCELERATOR")
@@ -93,3 +94,11 @@ def set_accelerator(accelerator: Accelerator | str | None) -> Accelerator | None
         accelerator = _build(accelerator.lower(), "set_accelerator()")
     _current = accelerator
     return _current
+
+
+def is_current_accelerator_supported() -> bool:
+    """Whether the accelerator this process selects (``get_accelerator()``) is one shardwise supports."""
+    try:
+        return get_accelerator().device_name() in KNOWN_ACCELERATORS
+    except AcceleratorError:
+        return False

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
-from shardwise.comm.group import Group, as_group
+from shardwise.comm.foreign_mpu import tensor_group_of
+from shardwise.comm.group import Group
 from shardwise.tp import random as tp_random
 from shardwise.utils.logging import log_dist
 
@@ -91,17 +92,12 @@ def _group_of(mpu: Any) -> Group | None:
     """The tensor-parallel group of an mpu (ours, Megatron's, DeepSpeed's pipe grid) or a Topology."""
     if mpu is None:
         return None
-    if hasattr(mpu, "tp_group") and isinstance(mpu.tp_group, Group):
-        return mpu.tp_group  # a Topology
-    topology = getattr(mpu, "topology", None)
-    if topology is not None and hasattr(topology, "tp_group"):
-        return topology.tp_group  # shardwise.tp.ModelParallelUnit
-    for name in ("get_tensor_model_parallel_group", "get_slice_parallel_group", "get_model_parallel_group"):
-        if callable(getattr(mpu, name, None)):
-            return as_group(getattr(mpu, name)())
-    raise CheckpointingConfigError(f"{type(mpu).__name__} has no get_tensor_model_parallel_group() or "
-                                   "get_model_parallel_group(); pass a Megatron-style mpu, a shardwise Topology, "
-                                   "or None")
+    group = tensor_group_of(mpu)
+    if group is None:
+        raise CheckpointingConfigError(f"{type(mpu).__name__} has no get_tensor_model_parallel_group() or "
+                                       "get_model_parallel_group(); pass a Megatron-style mpu, a shardwise Topology, "
+                                       "or None")
+    return group
 
 
 def configure(mpu_: Any, deepspeed_config: Any = None, partition_activations: bool | None = None,

@@ -275,6 +275,24 @@ def _full_value(engine: Any, mt: model_view.ModelTensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
+def consolidated_16bit_state_dict(engine: Any, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+    """The full model weights in the training dtype, on rank 0 (every other rank gets ``{}``). Every rank must call
+    it: ZeRO-3 shards and tensor-parallel pieces are gathered. Tied weights appear under every name."""
+    tensors, aliases, _ = model_view.named_tensors(engine)
+    state: dict[str, torch.Tensor] = {}
+    for mt in tensors:
+        if exclude_frozen_parameters and mt.is_param and not mt.tensor.requires_grad:
+            continue
+        if comm.get_rank() == 0 or mt.tp_split or _is_partitioned(mt):  # the others only join collectives
+            value = _full_value(engine, mt)
+            if comm.get_rank() == 0:
+                state[mt.name] = value
+    for alias, target in aliases.items():
+        if target in state:
+            state[alias] = state[target]
+    return state
+
+
 def save_16bit_model(engine: Any, save_dir: str, save_filename: str = "pytorch_model.bin",
                      exclude_frozen_parameters: bool = False) -> bool:
     """Write the full model weights in the training dtype to ``save_dir/save_filename`` (rank 0). Returns True.
@@ -292,18 +310,7 @@ def save_16bit_model(engine: Any, save_dir: str, save_filename: str = "pytorch_m
                  "zero_optimization.stage3_gather_16bit_weights_on_model_save: true (as DeepSpeed); returning False",
                  ranks=[0])
         return False
-    tensors, aliases, _ = model_view.named_tensors(engine)
-    state: dict[str, torch.Tensor] = {}
-    for mt in tensors:
-        if exclude_frozen_parameters and mt.is_param and not mt.tensor.requires_grad:
-            continue
-        if comm.get_rank() == 0 or mt.tp_split or _is_partitioned(mt):  # the others only join collectives
-            value = _full_value(engine, mt)
-            if comm.get_rank() == 0:
-                state[mt.name] = value
-    for alias, target in aliases.items():
-        if target in state:
-            state[alias] = state[target]
+    state = consolidated_16bit_state_dict(engine, exclude_frozen_parameters)
     error: BaseException | None = None
     if comm.get_rank() == 0:
         try:

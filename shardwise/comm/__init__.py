@@ -5,6 +5,8 @@ one owner for process groups (``topology.py``), and collectives that count bytes
 groups of one rank.
 """
 
+from typing import Any
+
 from shardwise.comm.collectives import (
     CollectiveError,
     Handle,
@@ -35,6 +37,11 @@ from shardwise.comm.init import (
     is_initialized,
     launch_env,
 )
+
+
+def inference_all_reduce(tensor: Any, op: Any = None, group: Any = None) -> Any:
+    """DeepSpeed's all-reduce for inference (in place, sum by default); here the same as :func:`all_reduce`."""
+    return all_reduce(tensor, op=ReduceOp.SUM if op is None else op, group=group)
 
 
 def log_summary(show_straggler: bool = False, return_dict: bool = False) -> dict | None:
@@ -81,6 +88,7 @@ __all__ = [
     "COMMS_LOG", "CollectiveError", "CommsLog", "Group", "Handle", "ReduceOp", "all_gather",
     "all_gather_into_tensor", "all_gather_object", "all_reduce", "all_to_all_single", "as_group", "barrier",
     "broadcast", "broadcast_object", "configure", "destroy_process_group", "get_local_rank", "get_rank",
-    "get_world_size", "init_distributed", "irecv", "is_initialized", "isend", "launch_env", "log_summary", "recv",
+    "get_world_size", "inference_all_reduce",
+    "init_distributed", "irecv", "is_initialized", "isend", "launch_env", "log_summary", "recv",
     "reduce", "reduce_scatter_tensor", "send", "world_group",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import logging
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -46,13 +47,16 @@ def init_distributed(
     if dist.is_initialized():
         if _launch_env is None:
             _launch_env = _env_from_initialized()
+        check_world_matches(dist.get_world_size())
         return
     if dist_init_required is False:
         raise RuntimeError(
             "dist_init_required=False but torch.distributed is not initialised: call "
             "torch.distributed.init_process_group() first, or pass dist_init_required=None/True"
         )
-    env = discover(os.environ, default_port=distributed_port) if auto_mpi_discovery else discover({})
+    # auto_mpi_discovery=False (accelerate passes it) only turns off the MPI/SLURM probing: torchrun's and our
+    # launcher's RANK/WORLD_SIZE/MASTER_* are always read, or every rank would silently become its own world.
+    env = discover(os.environ if auto_mpi_discovery else _torchrun_only(os.environ), default_port=distributed_port)
     if rank >= 0 and world_size > 0:
         env = LaunchEnv(rank, world_size, env.local_rank, env.local_world_size, env.master_addr, env.master_port,
                         "arguments")
@@ -71,8 +75,42 @@ def init_distributed(
     dist.init_process_group(backend=backend, init_method=init_method or "env://", rank=env.rank,
                             world_size=env.world_size, timeout=timeout)
     _launch_env = env
+    check_world_matches(dist.get_world_size())
     if accelerator.device_name() == "cpu" and env.local_rank == 0:
         warn_if_oversubscribed(env.local_world_size)
+
+
+_TORCHRUN_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "LOCAL_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _torchrun_only(environ: Mapping[str, str]) -> dict[str, str]:
+    return {name: environ[name] for name in _TORCHRUN_VARS if name in environ}
+
+
+def launcher_world_size(environ: Mapping[str, str]) -> tuple[int, str] | None:
+    """The world size the launcher environment announces and the variable that says it (torchrun / shardwise
+    ``WORLD_SIZE``, OpenMPI, MPICH / Intel MPI, SLURM), or ``None`` when no launcher set one."""
+    for name, rank_name in (("WORLD_SIZE", "RANK"), ("OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_RANK"),
+                            ("PMI_SIZE", "PMI_RANK"), ("SLURM_NTASKS", "SLURM_PROCID")):
+        value = environ.get(name, "").strip()
+        if value.isdigit() and (name == "WORLD_SIZE" or rank_name in environ):
+            return int(value), name
+    return None
+
+
+def check_world_matches(group_size: int, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse a job split into one-rank worlds: the launcher announced several ranks but this process's
+    default group has one (each rank would train alone on unsharded data and write the same files)."""
+    announced = launcher_world_size(os.environ if environ is None else environ)
+    if announced is None:
+        return
+    size, name = announced
+    if size > 1 and group_size == 1:
+        raise RuntimeError(
+            f"the launcher started {size} ranks ({name}={size}) but torch.distributed's default group has 1 rank: "
+            "every rank would train alone on unsharded data. Initialise with the launcher's environment "
+            "(RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT) or unset WORLD_SIZE for a single-process run"
+        )
 
 
 def default_backend(accelerator_backend: str) -> str:

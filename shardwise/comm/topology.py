@@ -44,6 +44,7 @@ class Topology:
         #: ranks per node; nodes hold consecutive ranks (as every launcher assigns them)
         self.local_world_size = max(1, min(local_world_size, self.world_size))
         self._groups: dict[str, Group] = {}
+        self._single: dict[tuple[int, ...], Any] = {}  # one-rank torch groups, created on demand
         self._create = create_groups and initialized
         for name, axes in STANDARD_GROUPS.items():
             self._groups[name] = self._make(name, grid.axis_groups(axes, self.sizes))
@@ -107,6 +108,28 @@ class Topology:
             return self._groups[name]
         except KeyError:
             raise KeyError(f"no group named {name!r}; known: {sorted(self._groups)}") from None
+
+    def torch_group(self, group: str | tuple[str, ...] | Group) -> Any:
+        """The torch ProcessGroup of a group (by name, by axes such as ``("pp", "tp")``, or a ``Group`` of this
+        topology), for code that calls ``torch.distributed`` directly (mpu facades hand these out).
+
+        The world is ``dist.group.WORLD``. A one-rank group has no torch group in the ``Group`` (its collectives are
+        no-ops), but torch would read None as the world, so one is created here on first use: only this rank takes
+        part (``use_local_synchronization``). Without torch.distributed: None.
+        """
+        if isinstance(group, tuple):
+            group = next((name for name, axes in STANDARD_GROUPS.items() if set(axes) == set(group)),
+                         "+".join(group))
+        g = group if isinstance(group, Group) else self.group(group)
+        if not dist.is_initialized():
+            return None
+        if g.is_world or (g.size == self.world_size and g.pg is None):
+            return dist.group.WORLD
+        if g.pg is not None:
+            return g.pg
+        if g.ranks not in self._single:
+            self._single[g.ranks] = dist.new_group(list(g.ranks), use_local_synchronization=True)
+        return self._single[g.ranks]
 
     @property
     def tp_group(self) -> Group:

@@ -12,7 +12,7 @@ implements is the table in ``support.py``; how configs are accepted is described
 
 from .args import add_config_arguments
 from .errors import ConfigError
-from .loader import load_config, read_config_dict, sequence_parallel_size
+from .loader import autotp_size, load_config, read_config_dict, sequence_parallel_size
 from .schema import ShardwiseConfig
 from .schema_precision import BF16Config, DataTypesConfig, FP16Config
 from .schema_training import (
@@ -40,6 +40,7 @@ __all__ = [
     "ShardwiseConfig",
     "read_config_dict",
     "sequence_parallel_size",
+    "autotp_size",
     "TensorParallelConfig",
     "ZeroConfig",
     "add_config_arguments",

@@ -33,6 +33,11 @@ def cross_checks(cfg: SectionsConfig) -> list[Problem]:
                            f"optimizer.params.max_grad_norm = {show(value)}: gradient clipping is not an optimizer "
                            "parameter (DeepSpeed 0.19 refuses it too). Fix: remove max_grad_norm from "
                            f"optimizer.params and set the top-level \"gradient_clipping\": {show(value)}."))
+    if cfg.tensor_parallel.autotp_size > 1 and cfg.zero_optimization.stage == 3:
+        problems.append(_p("tensor_parallel.autotp_size",
+                           f"tensor_parallel.autotp_size = {cfg.tensor_parallel.autotp_size} with "
+                           "zero_optimization.stage 3: AutoTP training combines with ZeRO stages 0-2 only (as in "
+                           "DeepSpeed). Fix: use zero_optimization.stage 1 or 2, or drop autotp_size."))
     if cfg.gradient_allreduce_op == "sum" and cfg.zero_optimization.stage == 3:
         problems.append(_p("gradient_allreduce_op", "gradient_allreduce_op = \"sum\" is not supported with "
                            "zero_optimization.stage 3 (as in DeepSpeed). Fix: use \"mean\" or ZeRO stage 0-2."))
@@ -49,6 +54,10 @@ def _precision_checks(cfg: SectionsConfig) -> list[Problem]:
         problems.append(_p("amp.enabled", f"amp.enabled = true with zero_optimization.stage = {stage}: apex AMP "
                            "cannot be combined with ZeRO (DeepSpeed refuses this too). Fix: use the \"bf16\" or "
                            "\"fp16\" block instead of \"amp\"."))
+    if cfg.torch_autocast.enabled and cfg.zero_optimization.zero_quantized_weights:
+        problems.append(_p("torch_autocast.enabled", "torch_autocast.enabled = true with "
+                           "zero_optimization.zero_quantized_weights = true: quantized weight gathers cannot be "
+                           "combined with autocast (DeepSpeed refuses this too). Fix: turn one of them off."))
     zero_only = (
         ("fp16.fp16_master_weights_and_grads", cfg.fp16.fp16_master_weights_and_grads),
         ("bf16.bf16_master_weights_and_grads", cfg.bf16.bf16_master_weights_and_grads),
@@ -58,6 +67,31 @@ def _precision_checks(cfg: SectionsConfig) -> list[Problem]:
         if on and stage == 0:
             problems.append(_p(path, f"{path} = true needs zero_optimization.stage 1, 2 or 3 (stage is 0). "
                                f"Fix: enable ZeRO or set {path.split('.')[-1]} to false."))
+    offload = cfg.zero_optimization.offload_optimizer_device
+    for path, on, block in (("bf16.bf16_master_weights_and_grads", cfg.bf16.bf16_master_weights_and_grads, "bf16"),
+                            ("bf16.bf16_optimizer_states", cfg.bf16.bf16_optimizer_states, "bf16"),
+                            ("fp16.fp16_master_weights_and_grads", cfg.fp16.fp16_master_weights_and_grads, "fp16")):
+        if on and not getattr(cfg, block).enabled:
+            problems.append(_p(path, f"{path} = true with {block}.enabled = false: 16-bit master weights need "
+                               f"the {block} model. Fix: set {block}.enabled to true, or {path} to false."))
+        if on and offload == "nvme":
+            problems.append(_p(path, f"{path} = true with zero_optimization.offload_optimizer.device \"nvme\" is "
+                               "not supported yet by shardwise. Fix: offload to \"cpu\", or set it to false."))
+        if on and block == "bf16" and cfg.data_types.grad_accum_dtype == "fp32":
+            problems.append(_p(path, f"{path} = true with data_types.grad_accum_dtype = \"fp32\": the first keeps "
+                               "gradients in bf16. Fix: remove data_types.grad_accum_dtype (or set it to false)."))
+    lp_states_need_offload = (
+        ("bf16.bf16_master_weights_and_grads", cfg.bf16.bf16_master_weights_and_grads
+         and not cfg.bf16.bf16_optimizer_states, "bf16 master weights with fp32 optimizer states",
+         " or also set bf16.bf16_optimizer_states = true"),
+        ("fp16.fp16_master_weights_and_grads", cfg.fp16.fp16_master_weights_and_grads,
+         "fp16 master weights with fp32 optimizer states", ""),
+    )
+    for path, on, what, alt in lp_states_need_offload:
+        if on and stage > 0 and offload != "cpu":
+            problems.append(_p(path, f"{path} = true keeps {what}, which needs ZeRO-Offload's CPU Adam (as in "
+                               "DeepSpeed 0.19). Fix: set zero_optimization.offload_optimizer.device to \"cpu\""
+                               f"{alt}."))
     if cfg.bf16.bf16_optimizer_states and not cfg.bf16.bf16_master_weights_and_grads:
         problems.append(_p("bf16.bf16_optimizer_states", "bf16.bf16_optimizer_states = true needs "
                            "bf16.bf16_master_weights_and_grads = true. Fix: enable both or neither."))

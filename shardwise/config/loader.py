@@ -60,6 +60,23 @@ def read_config_dict(source: Any) -> dict[str, Any]:
     return dict(source.raw) if isinstance(source, ShardwiseConfig) else read_source(source, [])
 
 
+def autotp_size(raw: dict[str, Any]) -> int:
+    """``tensor_parallel.autotp_size`` of a raw config (0 when absent: AutoTP training off), validated: like the
+    sequence-parallel size, it shapes the process grid before the rest of the config is resolved."""
+    block = raw.get("tensor_parallel")
+    value = block.get("autotp_size") if isinstance(block, dict) else None
+    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
+        return 0
+    try:
+        size = _INT.validate_python(value)
+    except ValidationError as exc:
+        raise ConfigError.from_problems(problems_from_validation(exc, prefix="tensor_parallel.autotp_size")) from None
+    if size < 0:
+        raise ConfigError(f"tensor_parallel.autotp_size = {size}: expected 0 (off) or the tensor-parallel degree. "
+                          "Fix: set it to 0, 1 or more, or remove it.", path="tensor_parallel.autotp_size")
+    return size
+
+
 def sequence_parallel_size(raw: dict[str, Any]) -> int:
     """``sequence_parallel_size`` of a raw config (1 when absent, null or "auto"), validated: the engine needs it to
     build the device mesh before the rest of the config can be resolved for the data-parallel size."""

@@ -11,9 +11,10 @@ Blocks for features shardwise only recognises (``OPAQUE_BLOCKS``) are kept as pl
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from .schema_base import AnyDict, Bool, Dtype, Float, PosFloat, PosInt, Section, Str, lowered
 from .schema_comms import CommsConfig
@@ -65,7 +66,17 @@ class SectionsConfig(Section):
 
     # --- scalars -------------------------------------------------------------------------------------------
     steps_per_print: PosInt | None = None
-    """Log progress every N optimizer steps; null = never (DeepSpeed's docs say 10, its code None)."""
+    """Log progress every N optimizer steps; null or Infinity (accelerate writes ``float("inf")``) = never
+    (DeepSpeed's docs say 10, its code None)."""
+
+    @field_validator("steps_per_print", mode="before")
+    @classmethod
+    def _infinity_is_never(cls, value: Any) -> Any:
+        if isinstance(value, float) and math.isinf(value) and value > 0:
+            return None
+        if isinstance(value, str) and value.strip().lower() in ("inf", "infinity"):
+            return None
+        return value
     gradient_clipping: Float = 1.0
     """Clip the global gradient norm to this value; 0 = off. 1.0 in DeepSpeed 0.19 (0.0 in 0.14/0.16)."""
     check_grad_overflow: Bool | None = None
@@ -113,6 +124,9 @@ class SectionsConfig(Section):
     """Capture CUDA graphs of the training step (DeepSpeed)."""
     use_data_before_expert_parallelism: Bool = False
     """MoE: order data-parallel before expert-parallel in the rank grid."""
+    deterministic: Bool = False
+    """shardwise only (Gaudi's DeepSpeed enforces it at initialisation): torch's deterministic algorithms on, so
+    identical runs give identical bits (``engine/determinism.py``, docs/precision.md)."""
 
     # --- sections --------------------------------------------------------------------------------------------
     zero_optimization: ZeroConfig = _block(ZeroConfig)
@@ -222,6 +236,25 @@ class ShardwiseConfig(SectionsConfig):
         body = self.model_dump(mode="json")
         head = {key: body.pop(key) for key in BATCH_KEYS}
         return {**head, **body}
+
+    # Read-only dict view by top-level key, for code written against DeepSpeed's ``engine.config`` (a dict there):
+    # ``engine.config.get("zero_optimization", {}).get("stage")`` (Hugging Face Trainer). Values are resolved.
+    def get(self, key: str, default: Any = None) -> Any:
+        """The resolved value of top-level key ``key`` as plain data (``to_dict()[key]``), else ``default``."""
+        return self.to_dict().get(key, default)
+
+    def __getitem__(self, key: str) -> Any:
+        data = self.to_dict()
+        if key not in data:
+            raise KeyError(key)
+        return data[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self.to_dict()
+
+    def keys(self) -> list[str]:
+        """The top-level keys of :meth:`to_dict`."""
+        return list(self.to_dict())
 
     def with_dp_world_size(self, dp_world_size: int) -> ShardwiseConfig:
         """The same user config re-resolved for another data-parallel size (raises ConfigError if it does not

@@ -153,6 +153,13 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.stage", S, note="ZeRO stages 0, 1, 2, 3"),  # zero/stage1-3
     Feature("fp16", S, note="dynamic or static loss scaling, auto_cast"),  # engine/precision.py
     Feature("bf16", S, note="including check_grad_overflow"),  # engine/precision.py
+    Feature("fp16.fp16_master_weights_and_grads", S, note="ZeRO 1-3 with CPU offload (fp32 optimizer states), "
+            "as DeepSpeed"),  # zero/policy.py
+    Feature("bf16.bf16_master_weights_and_grads", S, note="ZeRO 1-3; without bf16_optimizer_states only with CPU "
+            "offload, as DeepSpeed"),  # zero/policy.py
+    Feature("bf16.bf16_optimizer_states", S, note="ZeRO 1-3, with bf16_master_weights_and_grads"),  # zero/policy.py
+    Feature("torch_autocast", S, note="enabled, dtype, lower_precision_safe_modules (validated; gradients reduced "
+            "in their own dtype); every ZeRO stage and the pipeline"),  # engine/autocast.py
     Feature("zero_optimization.offload_optimizer.device", S, note='"cpu" and "nvme"'),  # zero/offload.py
     Feature("zero_optimization.offload_param.device", S, note='"cpu" and "nvme" (stage 3)'),  # zero/offload.py
     Feature("zero_optimization.zero_hpz_partition_size", S, note="ZeRO++ hpZ"),  # zero/stage3.py
@@ -175,6 +182,8 @@ FEATURES: tuple[Feature, ...] = (
     Feature("communication_data_type", S, note='"fp32", "fp16", "bf16"'),  # zero/reducer.py, zero/stage3.py
     Feature("gradient_clipping", S),  # engine
     Feature("check_grad_overflow", S, note="shardwise's own key: skip inf/nan steps in fp32 and bf16"),  # engine
+    Feature("deterministic", S, note="shardwise's own key: torch's deterministic algorithms; identical runs give "
+            "identical bits"),  # engine/determinism.py
     Feature("zero_optimization.ignore_unused_parameters", S,  # engine/guards.py
             note="false: ZeRO-1/2 with optimizer offload raises on every rank when a parameter gets no gradient"),
     Feature("optimizer.type", N, KNOWN_OPTIMIZER, _OPTIMIZERS),  # engine/optimizers.py
@@ -243,7 +252,6 @@ FEATURES: tuple[Feature, ...] = (
     Feature("curriculum_learning", W, LEGACY_OFF, _CURRICULUM),  # data/legacy; successor: data_efficiency
     # --- not supported yet ---------------------------------------------------------------------------------
     Feature("amp.enabled", N, OFF, 'apex AMP; use the "bf16" or "fp16" block instead'),  # apex is not a dep
-    Feature("torch_autocast.enabled", N, OFF, 'use the "bf16" or "fp16" block instead'),  # engine/precision.py
     Feature("elasticity.enabled", N, OFF, "set the batch keys for your data-parallel size"),  # elastic agent
     Feature("data_efficiency.data_sampling.dynamic_batching", N, INACTIVE,  # data/
             "variable batch size and LR scaling (DeepSpeed's separate helper functions)"),
@@ -264,17 +272,20 @@ FEATURES: tuple[Feature, ...] = (
     Feature("data_types.grad_accum_dtype", S, note='"fp32", "fp16", "bf16"'),  # zero/policy.py
     Feature("data_types.param_dtype", N, NULL, "convert the model's dtype yourself"),  # precision
     Feature("data_types.buffer_dtype", N, NULL, "convert the buffers' dtype yourself"),  # precision
-    Feature("fp16.fp16_master_weights_and_grads", N, OFF, "16-bit master weights"),  # precision
-    Feature("bf16.bf16_master_weights_and_grads", N, OFF, "16-bit master weights"),  # precision
-    Feature("bf16.bf16_optimizer_states", N, OFF, "16-bit optimizer states"),  # precision
     Feature("zero_optimization.mics_shard_size", N, MICS_OFF, "MiCS; use zero_hpz_partition_size"),  # zero
     Feature("zero_optimization.mics_hierarchical_params_gather", N, OFF, "MiCS"),  # zero
     Feature("zero_optimization.zenflow", N, NULL, "ZenFlow; use offload_optimizer"),  # zero
     Feature("zero_optimization.zeropp_loco_param", N, NULL, "LoCo-ZeRO++"),  # zero
     Feature("zero_optimization.zero_quantized_nontrainable_weights", N, OFF, "quantized frozen weights"),  # zero
     Feature("zero_optimization.legacy_stage1", N, OFF, "DeepSpeed's old stage 1; use stage 1"),  # zero
-    Feature("tensor_parallel.autotp_size", N, TP_OFF, "AutoTP training; use shardwise.tp plans"),  # tp/
-    Feature("tensor_parallel.tp.tp_size", N, TP_OFF, "AutoTP training; use shardwise.tp plans"),  # tp/
+    Feature("tensor_parallel.autotp_size", S, note="AutoTP training of HF models, with ZeRO 0-2"),  # tp/autotp.py
+    Feature("tensor_parallel.tp.tp_grain_size", S, note="grain of AutoTP's MLP splits"),  # tp/autotp.py
+    Feature("tensor_parallel.tp_overlap_comm", H),  # scheduling only
+    Feature("tensor_parallel.preset_model", W, NULL,
+            "the AutoTP plan follows the model's config (base_model_tp_plan, else model_type)"),  # tp/resolve.py
+    Feature("tensor_parallel.partition_config", N, NULL,
+            "custom AutoTP partition rules; set config.base_model_tp_plan on the model"),  # tp/resolve.py
+    Feature("tensor_parallel.tp.tp_size", N, TP_OFF, "a training tp group size; use autotp_size"),  # tp/
     Feature("tensor_parallel.replace_with_kernel_inject", N, OFF, "DeepSpeed inference kernels"),  # inference
     Feature("checkpoint.use_node_local_storage", N, OFF, "save to shared storage"),  # checkpoint/
     # --- removed by DeepSpeed 0.19.8 itself ---------------------------------------------------------------

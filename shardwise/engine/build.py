@@ -25,6 +25,7 @@ from shardwise.comm.topology import Topology
 from shardwise.config import ConfigError
 from shardwise.config.errors import show
 from shardwise.engine.dataloader import build_training_loader
+from shardwise.engine.determinism import enable_deterministic
 from shardwise.engine.engine import Engine, _log_build
 from shardwise.engine.lr_schedules import build_scheduler
 from shardwise.engine.optimizers import build_optimizer, is_zero_supported_optimizer
@@ -48,6 +49,7 @@ def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimize
     ``default_grad_accum_dtype`` applies when the config leaves ``data_types.grad_accum_dtype`` unset (the pipeline
     engine passes ``"fp32"``: bf16 pipelines use the BF16 optimizer, as in DeepSpeed).
     """
+    enable_deterministic(config)  # "deterministic": true (engine/determinism.py)
     _cast_and_place(module, model_dtype(config))
     basic = _build_basic_optimizer(module, config, optimizer, model_parameters)
     strategy = _build_strategy(module, config, topology, basic, default_grad_accum_dtype) if basic is not None else None
@@ -140,6 +142,9 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
     # the BF16 optimizer (ZeRO-1 with fp32 gradient accumulation) serves bf16 at stage 0 or 1 when fp32
     # accumulation is asked for; plain bf16 at stage 0 is DeepSpeed 0.19's data parallelism (bf16 gradients
     # all-reduced, a full fp32 master per rank)
+    lp_master = low_precision_master(config)  # 16-bit master weights and gradients (docs/precision.md)
+    if lp_master:
+        accum = None
     bf16_optimizer = config.bf16.enabled and zc.stage in (0, 1) and accum == "fp32"
     overlap = zc.overlap_comm if "overlap_comm" in explicit else True
     policy = make_policy(
@@ -147,8 +152,10 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
         reduce_scatter=zc.reduce_scatter, bucket_numel=bucket,
         offload_optimizer=zc.offload_optimizer_device != "none",
         pin_memory=bool(zc.offload_optimizer and zc.offload_optimizer.pin_memory),
-        comm_dtype=config.communication_data_type,
+        comm_dtype=config.communication_data_type, low_precision_master=lp_master,
     )
+    if lp_master:
+        _set_optimizer_state_dtype(basic, config)
     if zc.stage < 3 and zc.offload_optimizer_device == "nvme":
         raise EngineBuildError(
             "zero_optimization.offload_optimizer.device 'nvme' needs ZeRO stage 3 (as in DeepSpeed); use device "
@@ -157,6 +164,31 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
     if zc.stage == 3:
         return Stage3Strategy(module, basic, policy, topology.zero_group, _shard_comm(zc, topology), zc, explicit)
     return FlatStrategy(module, basic, policy, topology.zero_group)
+
+
+def low_precision_master(config: Any) -> bool:
+    """Whether the master weights and gradients stay 16-bit (``bf16.bf16_master_weights_and_grads`` or
+    ``fp16.fp16_master_weights_and_grads`` with their block enabled)."""
+    return bool((config.bf16.enabled and config.bf16.bf16_master_weights_and_grads)
+                or (config.fp16.enabled and config.fp16.fp16_master_weights_and_grads))
+
+
+def _set_optimizer_state_dtype(basic: torch.optim.Optimizer, config: Any) -> None:
+    """16-bit masters: optimizer states in the masters' dtype with ``bf16.bf16_optimizer_states``, else fp32.
+
+    torch's optimizers create their states like the (16-bit) master; shardwise's CPU and fused Adam choose with
+    ``fp32_optimizer_states``. fp32 states beside 16-bit masters need an optimizer that can keep them apart.
+    """
+    states16 = bool(config.bf16.enabled and config.bf16.bf16_optimizer_states)
+    if hasattr(basic, "fp32_optimizer_states"):
+        basic.fp32_optimizer_states = not states16
+    elif not states16:
+        path = "bf16.bf16_master_weights_and_grads" if config.bf16.enabled else "fp16.fp16_master_weights_and_grads"
+        raise EngineBuildError(
+            f"{path} = true keeps the optimizer states in fp32 beside 16-bit master weights, which "
+            f"{type(basic).__name__} cannot do (its states follow the weights' dtype). Fix: use ZeRO-Offload's CPU "
+            "Adam (zero_optimization.offload_optimizer.device \"cpu\" with an Adam/AdamW `optimizer` block)"
+            + (", or also set bf16.bf16_optimizer_states = true" if config.bf16.enabled else ""))
 
 
 def _shard_comm(zc: Any, topology: Topology) -> Any:

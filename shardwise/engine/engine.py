@@ -22,6 +22,9 @@ from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
 from shardwise.data.engine_api import DataEfficiencyMixin
 from shardwise.engine import model_parallel
+from shardwise.engine.autocast import Autocast
+from shardwise.engine.backward_hooks import BackwardHooks
+from shardwise.engine.deepspeed_surface import DeepSpeedSurfaceMixin
 from shardwise.engine.guards import NonFiniteMonitor, check_unused_parameters
 from shardwise.engine.precision import cast_inputs_half
 from shardwise.engine.step_log import StepLog
@@ -35,7 +38,7 @@ class EngineUsageError(RuntimeError, AssertionError):
     an AssertionError too, as DeepSpeed raises for these."""
 
 
-class Engine(DataEfficiencyMixin, nn.Module):
+class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
     """A model wrapped for distributed training (``deepspeed.DeepSpeedEngine``); curriculum learning and random-LTD
     methods come from ``shardwise.data.engine_api``."""
 
@@ -50,6 +53,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         self.lr_scheduler = lr_scheduler
         self.training_dataloader = training_dataloader
         self.optimizer = strategy.optimizer if strategy is not None else None
+        self._record_overflow(False)
         self.global_steps = 0
         self.global_samples = 0
         self.micro_steps = 0
@@ -64,6 +68,8 @@ class Engine(DataEfficiencyMixin, nn.Module):
         self._observer = TrainingObserver(self)  # monitors, flops profiler, memory table (shardwise/monitor/)
         self.monitor = self._observer.monitor  # DeepSpeed's MonitorMaster: engine.monitor.write_events(...)
         self._setup_data_efficiency()  # legacy curriculum and random-LTD schedulers (shardwise/data/)
+        self._plain_backward = BackwardHooks(self)  # plain loss.backward() == engine.backward(loss)
+        self._autocast = Autocast(config, get_accelerator().device().type)  # torch_autocast (engine/autocast.py)
 
     # -- DeepSpeed's accessors ------------------------------------------------------------------------------------
     @property
@@ -98,6 +104,33 @@ class Engine(DataEfficiencyMixin, nn.Module):
     def fp16_enabled(self) -> bool:
         """Whether the model trains in fp16 with loss scaling."""
         return self._config.fp16.enabled
+
+    def fp16_master_weights_and_gradients(self) -> bool:
+        """Whether fp16 master weights and gradients are kept (``fp16.fp16_master_weights_and_grads``)."""
+        return bool(self._config.fp16.enabled and self._config.fp16.fp16_master_weights_and_grads)
+
+    def bf16_master_weights_and_gradients(self) -> bool:
+        """Whether bf16 master weights and gradients are kept (``bf16.bf16_master_weights_and_grads``)."""
+        return bool(self._config.bf16.enabled and self._config.bf16.bf16_master_weights_and_grads)
+
+    def bf16_optimizer_states(self) -> bool:
+        """Whether optimizer states are kept in bf16 (``bf16.bf16_optimizer_states``)."""
+        return bool(self._config.bf16.enabled and self._config.bf16.bf16_optimizer_states)
+
+    def torch_autocast_enabled(self) -> bool:
+        """Whether forward runs under ``torch.autocast`` (``torch_autocast.enabled``)."""
+        return self._autocast.enabled
+
+    def torch_autocast_dtype(self) -> torch.dtype | None:
+        """The autocast dtype (None when ``torch_autocast`` is off)."""
+        return self._autocast.dtype
+
+    def torch_autocast_lower_precision_safe_modules(self) -> list[str]:
+        """``torch_autocast.lower_precision_safe_modules``, DeepSpeed's default when unset."""
+        from shardwise.engine.autocast import DEFAULT_SAFE_MODULES
+
+        names = self._config.torch_autocast.lower_precision_safe_modules
+        return list(DEFAULT_SAFE_MODULES if names is None else names)
 
     def gradient_clipping(self) -> float:
         """The global-norm clipping threshold (0: off)."""
@@ -216,12 +249,14 @@ class Engine(DataEfficiencyMixin, nn.Module):
         if self._config.fp16.enabled and self._config.fp16.auto_cast:
             inputs = cast_inputs_half(inputs)  # positional inputs only, as DeepSpeed
         kwargs = self._data_efficiency_kwargs(kwargs)  # legacy curriculum_seqlen, random-LTD schedule step
-        with self.timers("forward"):
+        with self.timers("forward"), self._autocast():
             if self.strategy is None or not hasattr(self.strategy, "forward_context"):
-                return self.module(*inputs, **kwargs)
-            self.strategy.before_forward()
-            with self.strategy.forward_context():
-                return self.module(*inputs, **kwargs)
+                output = self.module(*inputs, **kwargs)
+            else:
+                self.strategy.before_forward()
+                with self.strategy.forward_context():
+                    output = self.module(*inputs, **kwargs)
+        return self._plain_backward.wrap_outputs(output)  # plain loss.backward() (engine/backward_hooks.py)
 
     def backward(self, loss: torch.Tensor, retain_graph: bool = False, scale_wrt_gas: bool = True) -> torch.Tensor:
         """Backpropagate ``loss``: scaled by 1/gradient_accumulation_steps and by the fp16 loss scale."""
@@ -240,9 +275,18 @@ class Engine(DataEfficiencyMixin, nn.Module):
         reduce = self.is_gradient_accumulation_boundary() and not self._in_no_sync
         with self.timers("backward"):
             self.strategy.begin_backward(reduce)
-            scaled.backward(retain_graph=retain_graph)
+            self._plain_backward.engine_backward = True
+            try:
+                scaled.backward(retain_graph=retain_graph)
+            finally:
+                self._plain_backward.engine_backward = False
             self.strategy.end_backward()
         return loss
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        """``loss`` times the current fp16 loss scale, for ``engine.scale(loss).backward()`` (plain backward under
+        fp16; ``engine/backward_hooks.py``)."""
+        return self._plain_backward.scale(loss)
 
     def step(self, lr_kwargs: dict[str, Any] | None = None) -> None:
         """At an accumulation boundary: reduce, clip, update, schedule, zero; otherwise just count the micro-step."""
@@ -263,6 +307,7 @@ class Engine(DataEfficiencyMixin, nn.Module):
         norm = self._global_norm()
         scale = self._grad_scale_factor()
         overflow = self._nonfinite.on_norm(norm, self.global_steps + 1)  # the same on every rank: norm is reduced
+        self._record_overflow(overflow)
         if overflow:
             self.skipped_steps += 1
             self.scaler.update(True)

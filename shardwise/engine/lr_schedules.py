@@ -234,6 +234,9 @@ class LRRangeTest(_Schedule):
     def __init__(self, optimizer: Any, lr_range_test_min_lr: float = 1e-3, lr_range_test_step_size: int = 2000,
                  lr_range_test_step_rate: float = 1.0, lr_range_test_staircase: bool = False,
                  last_batch_iteration: int = -1) -> None:
+        if not lr_range_test_step_size or lr_range_test_step_size <= 0:
+            raise ValueError(f"LRRangeTest: lr_range_test_step_size={lr_range_test_step_size!r} must be a positive "
+                             "number of iterations (scheduler.params.lr_range_test_step_size)")
         super().__init__(optimizer, last_batch_iteration)
         self.min_lr = _per_group(self.optimizer, lr_range_test_min_lr, "lr_range_test_min_lr")
         self.step_size = lr_range_test_step_size
@@ -273,9 +276,13 @@ class OneCycle(_Schedule):
                  cycle_first_stair_count: int = 0, cycle_second_stair_count: int | None = None,
                  decay_step_size: int = 0, cycle_momentum: bool = True, cycle_min_mom: float = 0.8,
                  cycle_max_mom: float = 0.9, decay_mom_rate: float = 0.0, last_batch_iteration: int = -1) -> None:
-        super().__init__(optimizer, last_batch_iteration)
         first = float(cycle_first_step_size)
         second = float(cycle_second_step_size) if cycle_second_step_size is not None else first
+        for name, size in (("cycle_first_step_size", first), ("cycle_second_step_size", second)):
+            if not size > 0:
+                raise ValueError(f"OneCycle: {name}={size:g} must be a positive number of iterations "
+                                 f"(scheduler.params.{name})")
+        super().__init__(optimizer, last_batch_iteration)
         self.first_step_size, self.second_step_size = first, second
         self.total_size = first + second
         self.step_ratio = first / self.total_size

@@ -139,4 +139,12 @@ def cast_inputs_half(inputs: Any) -> Any:
 
 def make_scaler(config: Any) -> DynamicLossScaler | NoScaler:
     """The loss scaler for this config."""
-    return DynamicLossScaler.from_config(config.fp16) if config.fp16.enabled else NoScaler()
+    if config.fp16.enabled:
+        return DynamicLossScaler.from_config(config.fp16)
+    if config.torch_autocast.enabled:  # fp16 autocast over wider weights: a GradScaler-like scale (engine/autocast.py)
+        from shardwise.accelerator import get_accelerator
+        from shardwise.engine.autocast import autocast_dtype
+
+        if autocast_dtype(config, get_accelerator().device().type) == torch.float16:
+            return DynamicLossScaler(scale=2.0**16, window=2000, hysteresis=1, raise_at_min_scale=False)
+    return NoScaler()

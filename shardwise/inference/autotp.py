@@ -3,7 +3,7 @@
 Two steps, so that every error comes before any weight is read:
 
 1. ``plan_tensor_parallel(model, tp, ...)`` only looks at module types and shapes (a meta model is enough). It
-   finds each decoder block's attention and MLP projections from the architecture's rule (``architectures.py``)
+   finds each decoder block's attention and MLP projections from the architecture's rule (``tp/architectures.py``)
    or a user ``injection_policy``, checks that the heads divide (the error names the model, the head count and
    the valid degrees), checks every projection's shape against its layout, and decides whether the embedding and
    LM head are split along the vocabulary (by size; see ``VOCAB_SPLIT_MIN_ELEMENTS``).
@@ -29,8 +29,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardwise.inference import architectures as A
-from shardwise.inference import layouts as L
 from shardwise.inference.layers import (
     InferenceColumnParallelLinear,
     InferenceGatherLinear,
@@ -38,7 +36,10 @@ from shardwise.inference.layers import (
     InferenceVocabParallelEmbedding,
 )
 from shardwise.inference.loader import LoadTargets, TensorShard
+from shardwise.tp import architectures as A
+from shardwise.tp import layouts as L
 from shardwise.tp.partition import DimSplit
+from shardwise.tp.resolve import table_projections
 
 #: integer attributes divided by the degree in blocks named by an ``injection_policy``
 HEAD_ATTR_NAMES = ("num_heads", "n_heads", "n_head", "num_attention_heads", "num_key_value_heads", "num_kv_heads",
@@ -175,11 +176,11 @@ def _plan_rule(model: nn.Module, plan: TPPlan, rule: A.ArchRule, config: Any) ->
     except AttributeError:
         raise AutoTPError(f"{plan.model_name}: no decoder blocks at {rule.blocks!r}; this transformers version lays "
                           "the model out differently; pass an injection_policy") from None
-    qkv = rule.qkv_layout(config) if rule.qkv_layout else None
+    # the shared resolver (shardwise/tp/resolve.py) names every projection, its style and resolved layout
+    for path, style, layout in table_projections(len(blocks), rule, config):
+        plan.projections.append(_plan_proj(plan, model, A.Proj(path, style, layout), info))
     for i, block in enumerate(blocks):
         prefix = f"{rule.blocks}.{i}"
-        for proj in rule.projections:
-            plan.projections.append(_plan_proj(plan, block, prefix, proj, info, qkv))
         _plan_head_attrs(plan, block.get_submodule(rule.attention), f"{prefix}.{rule.attention}", rule, config)
         for rel, values in rule.fixups.items():
             sub = block.get_submodule(rel) if rel else block
@@ -204,11 +205,10 @@ def _plan_head_attrs(plan: TPPlan, attention: nn.Module, path: str, rule: A.Arch
                    if a in held]
 
 
-def _plan_proj(plan: TPPlan, block: nn.Module, prefix: str, proj: A.Proj, info: A.HeadInfo,
-               qkv: str | None) -> PlannedProj:
-    path = f"{prefix}.{proj.path}"
+def _plan_proj(plan: TPPlan, model: nn.Module, proj: A.Proj, info: A.HeadInfo) -> PlannedProj:
+    path = proj.path
     try:
-        m = block.get_submodule(proj.path)
+        m = model.get_submodule(path)
     except AttributeError:
         m = None
     if m is None or not _is_linear(m):
@@ -216,12 +216,12 @@ def _plan_proj(plan: TPPlan, block: nn.Module, prefix: str, proj: A.Proj, info: 
                           "transformers version is not supported by auto-TP: pass an injection_policy")
     in_f, out_f = _features(m)
     features = out_f if proj.style == "column" else in_f
-    expected = A.expected_features(proj, info, qkv)
+    expected = A.expected_features(proj, info)
     if expected is not None and features != expected:
         raise AutoTPError(f"{plan.model_name}: {path} has {features} features, but {info.num_heads} heads of "
                           f"{info.head_dim} ({info.num_kv_heads} key/value heads) need {expected}; the config does not "
                           "match the weights' layout")
-    return PlannedProj(path, proj.style, A.layout_for(proj, info, features, plan.tp, qkv))
+    return PlannedProj(path, proj.style, A.layout_for(proj, info, features, plan.tp))
 
 
 def _policy_classes(model: nn.Module, policy: Mapping) -> dict[type, tuple[str, ...]]:

@@ -30,7 +30,7 @@ import time
 import uuid
 from dataclasses import dataclass
 
-from shardwise.launcher import rank_keeper
+from shardwise.launcher import deepspeed_shim, rank_keeper
 from shardwise.launcher.hostfile import HostfileError, Pool, decode_world_info, world_size
 from shardwise.launcher.net import PortError, listen_on_free_port, loopback_address, parse_port
 
@@ -407,6 +407,7 @@ def run(args: argparse.Namespace) -> int:
     _export_node_environment(plan, loopback)
     marker = os.environ[_MARKER_VAR] = uuid.uuid4().hex
     work_dir = tempfile.mkdtemp(prefix="shardwise-launch-")
+    deepspeed_shim.prepare(work_dir)  # `import deepspeed` in the ranks gives shardwise (unless a real one is there)
     logs = RankLogs(work_dir, rank_log_dir, time.strftime("%Y%m%d%H%M%S", time.localtime()))
     config = _launch_config(args, plan, logs, listen_fd)
     last = plan.first_rank + len(plan.slots) - 1

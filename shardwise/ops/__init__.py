@@ -6,6 +6,6 @@ The CPU Adam C kernel is built on first use by :mod:`shardwise.ops.build`; impor
 compiles nothing.
 """
 
-from shardwise.ops import adam, lamb, lion, muon
+from shardwise.ops import adagrad, adam, lamb, lion, muon
 
-__all__ = ["adam", "lamb", "lion", "muon"]
+__all__ = ["adagrad", "adam", "lamb", "lion", "muon"]

@@ -143,11 +143,13 @@ class StageExecutor:
         inputs = self._inputs[key]
         x = inputs[0] if len(inputs) == 1 else inputs
         t0 = time.perf_counter()
-        out = self.module(x, chunk=instr.chunk)
+        with self.engine._autocast():  # torch_autocast: the stage's forward and the loss (engine/autocast.py)
+            out = self.module(x, chunk=instr.chunk)
+            if self._is_last(instr.chunk):
+                labels = self._labels.pop(instr.micro_batch, None)
+                loss_fn = self.module.loss_fn
+                loss = loss_fn(out, labels) if self._compute_loss and loss_fn is not None else out
         if self._is_last(instr.chunk):
-            labels = self._labels.pop(instr.micro_batch, None)
-            loss_fn = self.module.loss_fn
-            loss = loss_fn(out, labels) if self._compute_loss and loss_fn is not None else out
             self._outputs[key] = loss
             self.result.losses.append(_detach(loss))
             if self._keep_last:

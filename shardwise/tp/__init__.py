@@ -1,5 +1,6 @@
 """Tensor parallelism: split layers, the autograd mappings between regions, vocabulary-parallel cross-entropy,
-the RNG tracker, the ``mpu`` bridge and declarative plans.
+the RNG tracker, the ``mpu`` bridge, declarative plans and AutoTP training of Hugging Face models
+(``tp_model_init``; the plans of every tensor-parallel path are resolved in ``resolve.py``).
 
 Typical use (Megatron style)::
 
@@ -8,6 +9,7 @@ Typical use (Megatron style)::
     model = apply_plan(full_model, {"layers.*.wqkv": "colwise", "layers.*.wo": "rowwise"}, topo)
 """
 
+from shardwise.tp.autotp import AutoTPTrainingError, tp_model_init
 from shardwise.tp.cross_entropy import vocab_parallel_cross_entropy
 from shardwise.tp.layers import (
     PARALLEL_LAYERS,
@@ -45,6 +47,7 @@ from shardwise.tp.random import (
 from shardwise.tp.state import full_state_dict, load_full_state_dict
 
 __all__ = [
+    "AutoTPTrainingError", "tp_model_init",
     "PARALLEL_LAYERS", "ColumnParallelLinear", "ColwiseParallel", "DimSplit", "LocalHeads", "ModelParallelUnit",
     "MpuLayoutError", "PlanError", "RNGStatesTracker", "RowParallelLinear", "RowwiseParallel", "SequenceParallel",
     "SplitError", "VocabParallel", "VocabParallelEmbedding", "apply_plan", "copy_to_tensor_model_parallel_region",

@@ -21,6 +21,7 @@ from typing import Any
 import torch.distributed as dist
 
 from shardwise import comm
+from shardwise.comm.foreign_mpu import MpuReader, topology_of
 from shardwise.comm.group import Group
 from shardwise.comm.topology import Topology
 from shardwise.tp import random as tp_random
@@ -31,23 +32,28 @@ class MpuLayoutError(ValueError):
 
 
 class ModelParallelUnit:
-    """Megatron/DeepSpeed-style mpu backed by a ``Topology`` (axis order pp, dp, sp, tp; tp ranks consecutive)."""
+    """Megatron/DeepSpeed-style mpu backed by a ``Topology`` (axis order pp, dp, sp, tp; tp ranks consecutive).
+
+    The one mpu facade of shardwise: ``PipelineParallelGrid`` (what ``PipelineModule.mpu()`` returns) is this class
+    with DeepSpeed's grid attributes added. "Model parallel" is DeepSpeed's and Megatron's meaning: pipeline x
+    tensor, the ranks holding different weights.
+    """
 
     def __init__(self, topology: Topology) -> None:
-        self.topology = topology
-        self._single: dict[tuple[int, ...], Any] = {}
+        self._topology = topology
+
+    @property
+    def topology(self) -> Topology:
+        """The process grid this mpu answers from."""
+        return self._topology
+
+    def shardwise_topology(self) -> Topology:
+        """The process grid this mpu answers from (``comm.foreign_mpu.HasTopology``)."""
+        return self._topology
 
     # -- groups as torch ProcessGroups ----------------------------------------------------------------------------
     def _torch(self, group: Group) -> Any:
-        if group.is_world or (group.size == self.topology.world_size and group.pg is None):
-            return dist.group.WORLD if dist.is_initialized() else None
-        if group.pg is not None or not dist.is_initialized():
-            return group.pg
-        # A one-rank group: the Topology skips creating it (its collectives are no-ops), but user code may hand it
-        # to torch.distributed, where None would mean the world. Only this rank takes part in creating it.
-        if group.ranks not in self._single:
-            self._single[group.ranks] = dist.new_group(list(group.ranks), use_local_synchronization=True)
-        return self._single[group.ranks]
+        return self._topology.torch_group(group)
 
     def _rank(self, group: Group) -> int:
         return group.rank if group.size > 1 else 0
@@ -55,19 +61,19 @@ class ModelParallelUnit:
     # -- tensor parallel ------------------------------------------------------------------------------------------
     def get_tensor_model_parallel_group(self) -> Any:
         """Tensor-parallel group."""
-        return self._torch(self.topology.tp_group)
+        return self._torch(self._topology.tp_group)
 
     def get_tensor_model_parallel_world_size(self) -> int:
         """Tensor-parallel degree."""
-        return self.topology.size("tp")
+        return self._topology.size("tp")
 
     def get_tensor_model_parallel_rank(self) -> int:
         """This rank's index in its tensor-parallel group."""
-        return self.topology.coord("tp")
+        return self._topology.coord("tp")
 
     def get_tensor_model_parallel_src_rank(self) -> int:
         """Global rank of tensor rank 0 in this rank's tensor group."""
-        return self.topology.tp_group.global_rank(0)
+        return self._topology.tp_group.global_rank(0)
 
     # DeepSpeed's PipelineParallelGrid calls the tensor axis "slice parallel"
     get_slice_parallel_group = get_tensor_model_parallel_group
@@ -77,45 +83,45 @@ class ModelParallelUnit:
     # -- model parallel (tensor x pipeline) -------------------------------------------------------------------------
     def get_model_parallel_group(self) -> Any:
         """Ranks holding different weights: tensor x pipeline (the tensor group when there is one stage)."""
-        return self._torch(self.topology.model_parallel_group)
+        return self._torch(self._topology.model_parallel_group)
 
     def get_model_parallel_world_size(self) -> int:
         """Tensor x pipeline degree."""
-        return self.topology.model_parallel_group.size
+        return self._topology.model_parallel_group.size
 
     def get_model_parallel_rank(self) -> int:
         """This rank's index in its model-parallel group."""
-        return self._rank(self.topology.model_parallel_group)
+        return self._rank(self._topology.model_parallel_group)
 
     # -- data parallel --------------------------------------------------------------------------------------------
     def get_data_parallel_group(self) -> Any:
         """Pure data-parallel group (excludes sequence-parallel ranks, as Megatron-DeepSpeed's)."""
-        return self._torch(self.topology.dp_group)
+        return self._torch(self._topology.dp_group)
 
     def get_data_parallel_world_size(self) -> int:
         """Data-parallel degree."""
-        return self.topology.size("dp")
+        return self._topology.size("dp")
 
     def get_data_parallel_rank(self) -> int:
         """This rank's index in its data-parallel group."""
-        return self.topology.coord("dp")
+        return self._topology.coord("dp")
 
     def get_data_parallel_src_rank(self) -> int:
         """Global rank of data rank 0 in this rank's data group."""
-        return self.topology.dp_group.global_rank(0)
+        return self._topology.dp_group.global_rank(0)
 
     # -- pipeline -------------------------------------------------------------------------------------------------
     def get_pipeline_model_parallel_group(self) -> Any:
         """The ranks of this rank's pipeline (one per stage)."""
-        return self._torch(self.topology.pp_group)
+        return self._torch(self._topology.pp_group)
 
     def get_pipeline_model_parallel_world_size(self) -> int:
         """Number of pipeline stages."""
-        return self.topology.size("pp")
+        return self._topology.size("pp")
 
     def get_pipeline_model_parallel_rank(self) -> int:
         """This rank's stage."""
-        return self.topology.coord("pp")
+        return self._topology.coord("pp")
 
     get_pipe_parallel_group = get_pipeline_model_parallel_group
     get_pipe_parallel_world_size = get_pipeline_model_parallel_world_size
@@ -123,41 +129,41 @@ class ModelParallelUnit:
 
     def is_pipeline_first_stage(self, ignore_virtual: bool = True) -> bool:
         """Whether this rank runs the first stage."""
-        return self.topology.coord("pp") == 0
+        return self._topology.coord("pp") == 0
 
     def is_pipeline_last_stage(self, ignore_virtual: bool = True) -> bool:
         """Whether this rank runs the last stage."""
-        return self.topology.coord("pp") == self.topology.size("pp") - 1
+        return self._topology.coord("pp") == self._topology.size("pp") - 1
 
     # -- sequence parallel (Ulysses) --------------------------------------------------------------------------------
     def get_sequence_parallel_group(self) -> Any:
         """Ulysses sequence-parallel group."""
-        return self._torch(self.topology.sp_group)
+        return self._torch(self._topology.sp_group)
 
     def get_sequence_parallel_world_size(self) -> int:
         """Ulysses degree."""
-        return self.topology.size("sp")
+        return self._topology.size("sp")
 
     def get_sequence_parallel_rank(self) -> int:
         """This rank's index in its sequence-parallel group."""
-        return self.topology.coord("sp")
+        return self._topology.coord("sp")
 
     def get_sequence_data_parallel_group(self) -> Any:
         """Data x sequence ranks: where ZeRO partitions and gradients are averaged."""
-        return self._torch(self.topology.zero_group)
+        return self._torch(self._topology.zero_group)
 
     def get_sequence_data_parallel_world_size(self) -> int:
         """Data x sequence degree."""
-        return self.topology.zero_group.size
+        return self._topology.zero_group.size
 
     def get_sequence_data_parallel_rank(self) -> int:
         """This rank's index in its data x sequence group."""
-        return self._rank(self.topology.zero_group)
+        return self._rank(self._topology.zero_group)
 
     # -- misc -----------------------------------------------------------------------------------------------------
     def get_global_rank(self) -> int:
         """This process's rank in the job."""
-        return self.topology.rank
+        return self._topology.rank
 
     def model_parallel_is_initialized(self) -> bool:
         """Always true: the groups exist once the Topology does."""
@@ -176,48 +182,22 @@ class ModelParallelUnit:
         tp_random.model_parallel_cuda_manual_seed(seed, tp_rank=self.get_tensor_model_parallel_rank())
 
     def __repr__(self) -> str:
-        return f"ModelParallelUnit({self.topology.describe()})"
+        return f"ModelParallelUnit({self._topology.describe()})"
 
 
 # -- reading a user's mpu -----------------------------------------------------------------------------------------
-_SIZE_NAMES = {
-    "tp": ("get_tensor_model_parallel_world_size", "get_slice_parallel_world_size", "get_model_parallel_world_size"),
-    "pp": ("get_pipeline_model_parallel_world_size", "get_pipe_parallel_world_size"),
-    "sp": ("get_sequence_parallel_world_size",),
-    "dp": ("get_data_parallel_world_size",),
-}
-_GROUP_NAMES = {
-    "tp": ("get_tensor_model_parallel_group", "get_slice_parallel_group"),
-    "pp": ("get_pipeline_model_parallel_group", "get_pipe_parallel_group"),
-    "sp": ("get_sequence_parallel_group",),
-    "dp": ("get_data_parallel_group",),
-}
-
-
-def _first(mpu: Any, names: tuple[str, ...]) -> tuple[str | None, Any]:
-    for name in names:
-        fn = getattr(mpu, name, None)
-        if callable(fn):
-            return name, fn()
-    return None, None
-
-
-def _read_sizes(mpu: Any) -> dict[str, int]:
-    sizes = {}
-    for axis, names in _SIZE_NAMES.items():
-        _, value = _first(mpu, names)
-        sizes[axis] = int(value) if value is not None else (None if axis == "dp" else 1)
-    if sizes["dp"] is None:
-        if _first(mpu, _SIZE_NAMES["sp"])[0] is not None:
-            # DeepSpeed's Ulysses mpu (runtime.sequence_parallel.parallel_state_sp) knows only the sequence groups:
-            # every other rank of the job is data parallel
-            world = dist.get_world_size() if dist.is_initialized() else 1
-            sizes["dp"] = max(1, world // (sizes["pp"] * sizes["sp"] * sizes["tp"]))
-            return sizes
-        raise MpuLayoutError(f"the mpu {getattr(mpu, '__name__', type(mpu).__name__)} has no "
-                             "get_data_parallel_world_size(); shardwise needs it (together with "
-                             "get_tensor_model_parallel_world_size) to build the process grid")
-    return sizes
+def _read_sizes(reader: MpuReader) -> dict[str, int]:
+    sizes = {axis: reader.size(axis) for axis in ("tp", "pp", "sp", "dp")}
+    out = {axis: (1 if v is None else v) for axis, v in sizes.items() if axis != "dp"}
+    if sizes["dp"] is not None:
+        return {**out, "dp": sizes["dp"]}
+    if reader.has("sp"):
+        # DeepSpeed's Ulysses mpu (runtime.sequence_parallel.parallel_state_sp) knows only the sequence groups:
+        # every other rank of the job is data parallel
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {**out, "dp": max(1, world // (out["pp"] * out["sp"] * out["tp"]))}
+    raise MpuLayoutError(f"the mpu {reader.name} has no get_data_parallel_world_size(); shardwise needs it (together "
+                         "with get_tensor_model_parallel_world_size) to build the process grid")
 
 
 def _group_ranks(group: Any) -> tuple[int, ...]:
@@ -230,11 +210,11 @@ def _group_ranks(group: Any) -> tuple[int, ...]:
 
 def topology_from_mpu(mpu: Any) -> Topology:
     """The ``Topology`` matching a Megatron/DeepSpeed-style mpu; raises ``MpuLayoutError`` if ranks differ."""
-    if isinstance(mpu, ModelParallelUnit):
-        return mpu.topology
-    if isinstance(mpu, Topology):
-        return mpu
-    sizes = _read_sizes(mpu)
+    own = topology_of(mpu)
+    if own is not None:
+        return own
+    reader = MpuReader(mpu)
+    sizes = _read_sizes(reader)
     world = dist.get_world_size() if dist.is_initialized() else 1
     product = sizes["pp"] * sizes["dp"] * sizes["sp"] * sizes["tp"]
     if product != world:
@@ -245,8 +225,8 @@ def topology_from_mpu(mpu: Any) -> Topology:
         )
     topology = Topology(pp=sizes["pp"], dp=sizes["dp"], sp=sizes["sp"], tp=sizes["tp"])
     problems = []
-    for axis, names in _GROUP_NAMES.items():
-        name, group = _first(mpu, names)
+    for axis in ("tp", "pp", "sp", "dp"):
+        name, group = reader.group(axis)
         if name is None or not dist.is_initialized():
             continue
         theirs, ours = _group_ranks(group), topology.group(axis).ranks

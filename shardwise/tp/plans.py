@@ -1,7 +1,9 @@
 """Declarative tensor-parallel plans: ``{module-path pattern: style}``, applied by swapping modules in place.
 
-A plan names *what* to split; the layers in ``layers.py`` know *how*. The same plans serve Megatron-style training
-(``apply_plan(model, plan, topology)`` on a full model, slicing its weights) and inference auto-TP. Patterns are
+A plan names *what* to split; the layers in ``layers.py`` know *how*. ``apply_plan(model, plan, topology)`` splits a
+full model for training, slicing its weights. The built-in plans for Hugging Face models (``plan_for``) are
+generated from the architecture table (``architectures.py``) by ``resolve.py``, the same resolver inference auto-TP
+and AutoTP training (``autotp.py``) use, so the three agree on every split. Patterns are
 dotted module paths where each ``.``-separated atom is an ``fnmatch`` pattern (``layers.*.attn.wqkv``), as torch's
 ``parallelize_module`` matches them; the first pattern (in plan order) that matches a module decides its style.
 
@@ -24,209 +26,52 @@ Styles (or their string names):
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
 
-from shardwise.tp.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
-from shardwise.tp.mappings import resolve_group
+from shardwise.tp import architectures as A
+from shardwise.tp.resolve import rule_plan
+from shardwise.tp.styles import (
+    STYLE_NAMES,
+    ColwiseParallel,
+    LocalHeads,
+    PlanError,
+    RowwiseParallel,
+    SequenceParallel,
+    Style,
+    VocabParallel,
+    apply_plan,
+    describe_plan,
+    matches,
+    resolve_plan,
+)
+
+__all__ = [
+    "BUILTIN_PLANS", "STYLE_NAMES", "ColwiseParallel", "LocalHeads", "PlanError", "RowwiseParallel",
+    "SequenceParallel", "Style", "VocabParallel", "apply_plan", "describe_plan", "hf_llama_plan", "matches",
+    "plan_for", "resolve_plan",
+]
 
 
-class PlanError(ValueError):
-    """A plan does not fit the model; the message names the pattern or module and the fix."""
-
-
-@dataclass(frozen=True)
-class ColwiseParallel:
-    """Split a Linear's output features (see ``ColumnParallelLinear``)."""
-
-    gather_output: bool = False
-    sequence_parallel: bool = False
-    grain: int = 1
-    parts: tuple[int, ...] | None = None
-
-    def apply(self, module: nn.Module, group: Any) -> nn.Module:
-        """The column-parallel replacement of ``module``."""
-        _expect(module, nn.Linear, self)
-        return ColumnParallelLinear.from_linear(module, group, gather_output=self.gather_output,
-                                                sequence_parallel=self.sequence_parallel, grain=self.grain,
-                                                parts=self.parts)
-
-
-@dataclass(frozen=True)
-class RowwiseParallel:
-    """Split a Linear's input features (see ``RowParallelLinear``)."""
-
-    input_is_parallel: bool = True
-    sequence_parallel: bool = False
-    grain: int = 1
-    parts: tuple[int, ...] | None = None
-
-    def apply(self, module: nn.Module, group: Any) -> nn.Module:
-        """The row-parallel replacement of ``module``."""
-        _expect(module, nn.Linear, self)
-        return RowParallelLinear.from_linear(module, group, input_is_parallel=self.input_is_parallel,
-                                             sequence_parallel=self.sequence_parallel, grain=self.grain,
-                                             parts=self.parts)
-
-
-@dataclass(frozen=True)
-class VocabParallel:
-    """Split an Embedding's vocabulary (see ``VocabParallelEmbedding``)."""
-
-    sequence_parallel: bool = False
-    grain: int = 1
-
-    def apply(self, module: nn.Module, group: Any) -> nn.Module:
-        """The vocabulary-parallel replacement of ``module``."""
-        _expect(module, nn.Embedding, self)
-        return VocabParallelEmbedding.from_embedding(module, group, sequence_parallel=self.sequence_parallel,
-                                                     grain=self.grain)
-
-
-@dataclass(frozen=True)
-class SequenceParallel:
-    """Keep the module, mark its parameters ``sequence_parallel = True`` (it runs on sequence shards)."""
-
-    def apply(self, module: nn.Module, group: Any) -> nn.Module:
-        """The same module, its parameters marked."""
-        for p in module.parameters():
-            p.sequence_parallel = True
-        return module
-
-
-@dataclass(frozen=True)
-class LocalHeads:
-    """Keep the module, divide the named integer attributes it holds by the tensor-parallel degree.
-
-    For attention modules that reshape with their head count (transformers 4.x's ``LlamaAttention.num_heads``):
-    after q/k/v are split each rank holds ``heads / degree`` heads. Names the module lacks are skipped, so one plan
-    serves releases that keep different attributes (5.x's LLaMA reshapes with ``-1`` and keeps none of them).
-    """
-
-    attrs: tuple[str, ...]
-
-    def apply(self, module: nn.Module, group: Any) -> nn.Module:
-        """The same module, its attributes divided."""
-        for name in self.attrs:
-            value = vars(module).get(name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                continue
-            if value % group.size:
-                raise PlanError(f"{type(module).__name__}.{name}={value} does not divide over {group.size} tensor "
-                                "ranks; pick a degree that divides it")
-            setattr(module, name, value // group.size)
-        return module
-
-
-Style = ColwiseParallel | RowwiseParallel | VocabParallel | SequenceParallel | LocalHeads
-STYLE_NAMES: dict[str, Style | None] = {
-    "colwise": ColwiseParallel(),
-    "colwise_gather": ColwiseParallel(gather_output=True),
-    "rowwise": RowwiseParallel(),
-    "vocab": VocabParallel(),
-    "embedding": VocabParallel(),
-    "sequence_parallel": SequenceParallel(),
-    "replicate": None,
-}
-
-
-def _expect(module: nn.Module, cls: type, style: Any) -> None:
-    if not isinstance(module, cls):
-        raise PlanError(f"{type(style).__name__} applies to {cls.__name__} modules, got {type(module).__name__}; "
-                        "fix the plan's pattern so it matches only such modules")
-
-
-def _style(value: Any) -> Style | None:
-    if isinstance(value, str):
-        try:
-            return STYLE_NAMES[value.lower()]
-        except KeyError:
-            raise PlanError(f"unknown style {value!r}; use one of {sorted(STYLE_NAMES)} or a style object") from None
-    if value is None or hasattr(value, "apply"):
-        return value
-    raise PlanError(f"a plan style must be a style object, a name or None, got {value!r}")
-
-
-def matches(pattern: str, path: str) -> bool:
-    """Whether dotted ``path`` matches ``pattern`` atom by atom (``*`` never crosses a dot)."""
-    p_atoms, atoms = pattern.split("."), path.split(".")
-    return len(p_atoms) == len(atoms) and all(fnmatch.fnmatchcase(a, p) for a, p in zip(atoms, p_atoms))
-
-
-def resolve_plan(module: nn.Module, plan: Mapping[str, Any], strict: bool = True) -> list[tuple[str, Style | None]]:
-    """``(module path, style)`` for every module a pattern matches (first pattern wins), in module order.
-
-    With ``strict``, a pattern that matches no module is an error (usually a typo or a different model family).
-    """
-    styles = [(pattern, _style(value)) for pattern, value in plan.items()]
-    used: set[str] = set()
-    chosen = []
-    for path, _ in module.named_modules():
-        if not path:
-            continue
-        for pattern, style in styles:
-            if matches(pattern, path):
-                used.add(pattern)
-                chosen.append((path, style))
-                break
-    unused = [p for p, _ in styles if p not in used]
-    if strict and unused:
-        raise PlanError(f"plan patterns matched no module: {unused}. Module paths look like "
-                        f"{[n for n, _ in module.named_modules() if n][:6]}...; fix the patterns or pass strict=False")
-    return chosen
-
-
-def apply_plan(module: nn.Module, plan: Mapping[str, Any], group: Any, strict: bool = True) -> nn.Module:
-    """Swap every module the plan matches for its tensor-parallel version, slicing the existing weights.
-
-    ``group``: the tensor-parallel group (``Group``, ProcessGroup or ``Topology``). Returns ``module`` (changed in
-    place). Every rank must hold the same full weights before the call (same seed, or a loaded checkpoint).
-    """
-    g = resolve_group(group)
-    for path, style in resolve_plan(module, plan, strict):
-        if style is None:
-            continue
-        parent_path, _, name = path.rpartition(".")
-        parent = module.get_submodule(parent_path) if parent_path else module
-        new = style.apply(getattr(parent, name), g)
-        if new is not getattr(parent, name):
-            setattr(parent, name, new)
-    return module
-
-
-# -- built-in plans -----------------------------------------------------------------------------------------------
 def hf_llama_plan(config: Any, *, gather_logits: bool = True) -> dict[str, Style]:
     """Plan for Hugging Face LLaMA-family decoders (Llama, Mistral, Qwen2: separate q/k/v, gate/up/down).
 
-    Heads stay whole (grain = head size). The LM head gathers its output (``gather_logits``) so the model's own
-    loss and generation see full logits; set it False with a vocabulary-parallel loss.
+    Heads stay whole (splits fall on key/value groups). The LM head gathers its output (``gather_logits``) so the
+    model's own loss and generation see full logits; set it False with a vocabulary-parallel loss.
     """
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-    return {
-        "model.embed_tokens": VocabParallel(),
-        "model.layers.*.self_attn.q_proj": ColwiseParallel(grain=head_dim),
-        "model.layers.*.self_attn.k_proj": ColwiseParallel(grain=head_dim),
-        "model.layers.*.self_attn.v_proj": ColwiseParallel(grain=head_dim),
-        "model.layers.*.self_attn.o_proj": RowwiseParallel(grain=head_dim),
-        # transformers 4.x reshapes with these (5.x with -1): each rank holds its share of the heads
-        "model.layers.*.self_attn": LocalHeads(("num_heads", "num_key_value_heads", "hidden_size")),
-        "model.layers.*.mlp.gate_proj": ColwiseParallel(),
-        "model.layers.*.mlp.up_proj": ColwiseParallel(),
-        "model.layers.*.mlp.down_proj": RowwiseParallel(),
-        "lm_head": ColwiseParallel(gather_output=gather_logits),
-    }
+    return rule_plan(config, gather_logits=gather_logits)
 
 
-#: Hugging Face ``config.model_type`` -> plan factory (inference auto-TP extends this table)
-BUILTIN_PLANS: dict[str, Callable[..., dict[str, Style]]] = {
-    "llama": hf_llama_plan,
-    "mistral": hf_llama_plan,
-    "qwen2": hf_llama_plan,
-}
+def _trainable(model_type: str) -> bool:
+    rule = A.RULES[model_type]
+    layouts = {p.layout for p in rule.projections}
+    return layouts <= {"heads", "kv", "mlp", "qkv_per_head"} and rule.qkv_layout is None and not rule.alibi(None)
+
+
+#: Hugging Face ``config.model_type`` -> plan factory: every architecture of the table whose projections are
+#: nn.Linear layers split plainly (GPT-2's Conv1D, Falcon's config-dependent fused QKV and ALiBi models excluded)
+BUILTIN_PLANS = {model_type: rule_plan for model_type in A.RULES if _trainable(model_type)}
 
 
 def plan_for(model: nn.Module, **kwargs: Any) -> dict[str, Style]:
@@ -236,8 +81,3 @@ def plan_for(model: nn.Module, **kwargs: Any) -> dict[str, Style]:
         raise PlanError(f"no built-in tensor-parallel plan for model_type {model_type!r} (known: "
                         f"{sorted(BUILTIN_PLANS)}); write one: {{'path.*.pattern': 'colwise' | 'rowwise' | ...}}")
     return BUILTIN_PLANS[model_type](model.config, **kwargs)
-
-
-def describe_plan(plan: Mapping[str, Any]) -> Sequence[str]:
-    """One line per pattern, for logs."""
-    return [f"{pattern}: {value!r}" for pattern, value in plan.items()]

@@ -25,6 +25,7 @@ import torch
 import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
+from shardwise.comm.foreign_mpu import tensor_rank_of
 from shardwise.utils.logging import log_dist
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
@@ -109,12 +110,7 @@ def set_mpu(mpu: Any) -> None:
 def tensor_parallel_rank(mpu: Any = None) -> int:
     """This rank's tensor-parallel index from an mpu (Megatron, DeepSpeed pipe-grid or shardwise names)."""
     mpu = mpu if mpu is not None else _mpu
-    if mpu is None:
-        return 0
-    for name in ("get_tensor_model_parallel_rank", "get_slice_parallel_rank", "get_model_parallel_rank"):
-        if hasattr(mpu, name):
-            return int(getattr(mpu, name)())
-    return 0
+    return 0 if mpu is None else tensor_rank_of(mpu)
 
 
 def model_parallel_cuda_manual_seed(seed: int, tp_rank: int | None = None) -> None:

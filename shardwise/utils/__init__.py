@@ -26,6 +26,12 @@ def __getattr__(name: str):
         import importlib
 
         return importlib.import_module("shardwise.utils.zero_to_fp32")
+    if name in ("groups", "z3_leaf"):
+        import importlib
+        return importlib.import_module(f"shardwise.utils.{name}")
+    if name in ("set_z3_leaf_modules", "unset_z3_leaf_modules", "z3_leaf_module", "get_z3_leaf_modules"):
+        from shardwise.utils import z3_leaf
+        return getattr(z3_leaf, name)
     if name == "OnDevice":  # deepspeed.utils.OnDevice; lives with the inference engine
         from shardwise.inference.on_device import OnDevice
 
@@ -36,6 +42,8 @@ def __getattr__(name: str):
 __all__ = [
     "OnDevice",
     "RepeatingLoader",
+    "get_z3_leaf_modules",
+    "groups",
     "log_dist",
     "logger",
     "safe_get_full_fp32_param",
@@ -51,5 +59,8 @@ __all__ = [
     "safe_set_local_grad",
     "safe_set_local_optimizer_state",
     "safe_update_full_grad_vectorized",
+    "set_z3_leaf_modules",
+    "unset_z3_leaf_modules",
+    "z3_leaf_module",
     "zero_to_fp32",
 ]

@@ -2,7 +2,8 @@
 
 Versions (python, torch, shardwise, pydantic, safetensors, transformers), the accelerator that would be chosen and
 why, device counts, which torch.distributed backends are compiled in, bf16/fp16 support, whether graph capture is
-available, and the state of shardwise's native pieces (the C CPU Adam kernel).
+available, the state of shardwise's native pieces (the C CPU Adam kernel), and which implementation ``import deepspeed``
+gives here (shardwise through its alias or compat package, a real DeepSpeed, or none).
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ def collect() -> dict[str, Any]:
     for backend in ("gloo", "nccl", "mpi", "ucc"):
         checker = getattr(dist, f"is_{backend}_available", None)
         info[f"backend {backend}"] = bool(checker()) if checker else False
+    from shardwise.alias import describe_import_deepspeed
+
+    info["import deepspeed gives"] = describe_import_deepspeed()
     info["habana_frameworks"] = "installed" if importlib.util.find_spec("habana_frameworks") else "not installed"
     try:
         from shardwise.ops.adam.cpu_adam import backend_name
@@ -71,9 +75,9 @@ def collect() -> dict[str, Any]:
     return info
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "shardwise-report") -> int:
     """Print the environment report; ``--json`` for machine-readable output."""
-    parser = argparse.ArgumentParser(prog="shardwise-report", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     info = collect()
@@ -88,6 +92,11 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in info.items():
         print(f"{key:<{width}}  {value}")
     return 0
+
+
+def main_ds_report(argv: list[str] | None = None) -> int:
+    """The ``ds_report`` command of the ``compat/deepspeed`` package: the same report under DeepSpeed's name."""
+    return main(argv, prog="ds_report")
 
 
 if __name__ == "__main__":

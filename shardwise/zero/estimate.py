@@ -16,6 +16,9 @@ stage 3                     bP/N (+ hpZ)    aP/N                         4P/N   
 
 ``b`` is the model dtype's size (4 fp32, 2 bf16/fp16), ``a`` the gradient-accumulation dtype's
 (``data_types.grad_accum_dtype``, default: the model dtype), ``k`` the optimizer's state bytes per element (Adam 8).
+16-bit master weights (``low_precision_master``: ``bf16.bf16_master_weights_and_grads`` /
+``fp16.fp16_master_weights_and_grads``, stages 1-3) make the master ``bP/N`` and ``a = b``; 16-bit optimizer states
+(``low_precision_optimizer_states``: ``bf16.bf16_optimizer_states``) halve ``k``.
 Stage 1 keeps a full gradient accumulation buffer plus the reduced partition; stage 2 keeps only the partition.
 With ``offload_optimizer`` the master weights and optimizer state are on the host; with ZeRO-3 ``offload_param``
 the parameter partition is too, and the device holds only the gathered working set. hpZ
@@ -86,8 +89,16 @@ def _state_bytes(optimizer: str | int) -> int:
 def estimate_model_states(total_params: int, world_size: int, stage: int, precision: str = "bf16", *,
                           optimizer: str | int = "adam", offload_optimizer: bool = False,
                           offload_param: bool = False, grad_accum_dtype: str | None = None,
-                          hpz_partition_size: int = 1, largest_layer_params: int = 0) -> ModelStatesEstimate:
+                          hpz_partition_size: int = 1, largest_layer_params: int = 0,
+                          low_precision_master: bool = False,
+                          low_precision_optimizer_states: bool = False) -> ModelStatesEstimate:
     """Per-rank model-state bytes of shardwise for this layout (see the module docstring for the formulas)."""
+    if (low_precision_master or low_precision_optimizer_states) and (stage == 0 or precision == "fp32"):
+        raise ValueError(f"16-bit master weights / optimizer states need stage 1-3 and a 16-bit precision "
+                         f"(got stage {stage}, {precision})")
+    if low_precision_optimizer_states and not low_precision_master:
+        raise ValueError("low_precision_optimizer_states needs low_precision_master (bf16.bf16_optimizer_states "
+                         "needs bf16.bf16_master_weights_and_grads)")
     if stage not in (0, 1, 2, 3):
         raise ValueError(f"stage = {stage}: expected 0, 1, 2 or 3")
     if total_params < 0 or world_size < 1:
@@ -99,6 +110,11 @@ def estimate_model_states(total_params: int, world_size: int, stage: int, precis
     k = _state_bytes(optimizer)
     bf16_optimizer = precision == "bf16" and stage == 0 and grad_accum_dtype == "fp32"
     a = _bytes_of(grad_accum_dtype or precision, "grad_accum_dtype")
+    if low_precision_master:
+        a = b
+    if low_precision_optimizer_states:
+        k //= 2
+    m = b if low_precision_master else 4  # master bytes per element
     working = 0
     if stage == 0 and not bf16_optimizer:
         master = 0 if precision == "fp32" and not offload_optimizer else 4 * p
@@ -106,11 +122,11 @@ def estimate_model_states(total_params: int, world_size: int, stage: int, precis
     elif stage == 0:  # the BF16 optimizer: ZeRO-1 layout with fp32 accumulation
         params, grads, master, state = b * p, a * p + a * p // n, 4 * p // n, k * p // n
     elif stage == 1:
-        params, grads, master, state = b * p, a * p + a * p // n, 4 * p // n, k * p // n
+        params, grads, master, state = b * p, a * p + a * p // n, m * p // n, k * p // n
     elif stage == 2:
-        params, grads, master, state = b * p, a * p // n, 4 * p // n, k * p // n
+        params, grads, master, state = b * p, a * p // n, m * p // n, k * p // n
     else:
-        params, grads, master, state = b * p // n, a * p // n, 4 * p // n, k * p // n
+        params, grads, master, state = b * p // n, a * p // n, m * p // n, k * p // n
         if 1 < hpz_partition_size < n:
             params += b * p // hpz_partition_size
         working = b * largest_layer_params
@@ -241,7 +257,17 @@ def _layout_from_config(path: str, world: int) -> dict:
     return {"stages": [zc.stage], "precisions": [precision], "optimizer": opt if opt in OPTIMIZER_STATE_BYTES else
             "adam", "offload_optimizer": [zc.offload_optimizer_device != "none"],
             "offload_param": zc.offload_param_device != "none", "grad_accum_dtype": cfg.data_types.grad_accum_dtype,
-            "hpz": int(zc.zero_hpz_partition_size or 1)}
+            "hpz": int(zc.zero_hpz_partition_size or 1),
+            "lp_master": bool((cfg.bf16.enabled and cfg.bf16.bf16_master_weights_and_grads)
+                              or (cfg.fp16.enabled and cfg.fp16.fp16_master_weights_and_grads)),
+            "lp_states": bool(cfg.bf16.enabled and cfg.bf16.bf16_optimizer_states)}
+
+
+def _low_precision(layout: dict, stage: int, precision: str) -> dict[str, bool]:
+    """The 16-bit master/state options where they apply (stages 1-3, 16-bit precisions; off elsewhere)."""
+    applies = stage > 0 and precision != "fp32"
+    return {"low_precision_master": applies and layout["lp_master"],
+            "low_precision_optimizer_states": applies and layout["lp_master"] and layout["lp_states"]}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -259,6 +285,10 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--offload_param", action="store_true", help="ZeRO-3 parameter offload")
     ap.add_argument("--grad_accum_dtype", choices=["fp32", "bf16", "fp16"], default=None)
     ap.add_argument("--hpz", type=int, default=1, help="zero_hpz_partition_size (ZeRO-3)")
+    ap.add_argument("--low_precision_master", action="store_true",
+                    help="16-bit master weights and gradients (bf16_master_weights_and_grads; stages 1-3)")
+    ap.add_argument("--low_precision_optimizer_states", action="store_true",
+                    help="16-bit optimizer states (bf16_optimizer_states; needs --low_precision_master)")
     ap.add_argument("--config", help="read stage, precision, offload and optimizer from this ds_config.json")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     return ap
@@ -273,7 +303,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "precisions": ["fp32", "bf16", "fp16"] if args.precision == "all" else [args.precision],
               "optimizer": opt, "offload_optimizer": {"none": [False], "cpu": [True], "both": [False, True]}[
                   args.offload_optimizer], "offload_param": args.offload_param,
-              "grad_accum_dtype": args.grad_accum_dtype, "hpz": args.hpz}
+              "grad_accum_dtype": args.grad_accum_dtype, "hpz": args.hpz, "lp_master": args.low_precision_master,
+              "lp_states": args.low_precision_optimizer_states}
     if args.config:
         layout = _layout_from_config(args.config, world)
     rows = []
@@ -283,7 +314,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 est = estimate_model_states(
                     args.params, world, stage, precision, optimizer=layout["optimizer"], offload_optimizer=offload,
                     offload_param=layout["offload_param"] and stage == 3, grad_accum_dtype=layout["grad_accum_dtype"],
-                    hpz_partition_size=layout["hpz"], largest_layer_params=args.largest_layer)
+                    hpz_partition_size=layout["hpz"], largest_layer_params=args.largest_layer,
+                    **_low_precision(layout, stage, precision))
                 rows.append((stage, precision, offload, est))
     if args.json:
         for stage, precision, offload, est in rows:

@@ -86,10 +86,11 @@ class FlatGroup:
         """A zeroed buffer for this rank's reduced gradient partition."""
         self.part_grad = torch.zeros(self.layout.partition_numel, dtype=dtype, device=self.device)
 
-    def allocate_master(self, device: torch.device, partitioned: bool, pin: bool = False) -> None:
-        """The fp32 master weights: this rank's partition (ZeRO) or a full copy (stage 0 with fp16)."""
+    def allocate_master(self, device: torch.device, partitioned: bool, pin: bool = False,
+                        dtype: torch.dtype | None = None) -> None:
+        """The master weights (fp32 unless ``dtype``): this rank's partition (ZeRO) or a full copy (stage 0, fp16)."""
         source = self.param_shard_of_flat() if partitioned else self.flat
-        master = source.detach().to(device=device, dtype=master_dtype(self.dtype), copy=True)
+        master = source.detach().to(device=device, dtype=dtype or master_dtype(self.dtype), copy=True)
         if pin and device.type == "cpu":
             from shardwise.accelerator import get_accelerator
 

@@ -64,7 +64,8 @@ class FlatStrategy:
                 g.allocate_full_grad(policy.grad_dtype, as_param_grads=policy.grads_are_param_views)
             if policy.use_master:
                 device = torch.device("cpu") if policy.offload_optimizer else g.device
-                g.allocate_master(device, partitioned=policy.partitioned, pin=policy.pin_memory)
+                g.allocate_master(device, partitioned=policy.partitioned, pin=policy.pin_memory,
+                                  dtype=policy.master_dtype)
         self.optimizer = FlatOptimizer(basic, flat_groups, policy, group)
         self.reducer = GradReducer(self.optimizer.live_groups, policy, group)
         self._hooks = register_grad_hooks(self.reducer)

@@ -13,7 +13,24 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from shardwise.zero.param_status import ZeroParamStatus
 from shardwise.zero.reducer import GradReducer
+
+
+class BackwardOutsideEngineError(RuntimeError):
+    """A gradient reached a ZeRO-managed parameter in a backward pass the engine did not arm: it would be
+    accumulated but never reduced (ranks would silently diverge)."""
+
+
+def outside_engine_error(shape: Any) -> BackwardOutsideEngineError:
+    """The error for a gradient of a parameter of ``shape`` arriving outside any armed backward pass."""
+    return BackwardOutsideEngineError(
+        f"a gradient reached a parameter of shape {tuple(shape)} in a backward pass the engine did not see start: "
+        "the loss was not computed from the engine's forward (engine(...)), e.g. engine.module(...) was called "
+        "directly, or the forward returned its tensors inside an object torch.utils._pytree cannot look into. Fix: "
+        "compute the loss from engine(...) outputs (then loss.backward() or engine.backward(loss) both work), "
+        "return tensors, tuples, dicts or dataclasses registered with torch.utils._pytree, or call "
+        "engine.backward(loss)")
 
 
 def register_grad_hooks(reducer: GradReducer) -> list[Any]:
@@ -117,9 +134,11 @@ class ZeroParameter(torch.nn.Parameter):
         return self.ds_shape.numel()
 
     @property
-    def ds_status(self) -> str:
-        """``"AVAILABLE"`` when gathered, ``"INFLIGHT"`` while gathering, else ``"NOT_AVAILABLE"``."""
-        return {"gathered": "AVAILABLE", "gathering": "INFLIGHT"}.get(self._sw_unit.state.value, "NOT_AVAILABLE")
+    def ds_status(self) -> ZeroParamStatus:
+        """``AVAILABLE`` when gathered, ``INFLIGHT`` while gathering, else ``NOT_AVAILABLE`` (equal to those
+        strings too)."""
+        return {"gathered": ZeroParamStatus.AVAILABLE, "gathering": ZeroParamStatus.INFLIGHT}.get(
+            self._sw_unit.state.value, ZeroParamStatus.NOT_AVAILABLE)
 
     @property
     def ds_id(self) -> int:
@@ -141,5 +160,5 @@ def mark_zero3_param(param: torch.nn.Parameter, unit: Any, strategy: Any) -> Non
     param._sw_unit = unit
     param._sw_index = next(i for i, p in enumerate(unit.params) if p is param)
     param._sw_strategy = strategy
-    if type(param) is torch.nn.Parameter:
+    if type(param) is torch.nn.Parameter or isinstance(param, ZeroParameter):  # incl. zero.Init's subclass
         param.__class__ = ZeroParameter

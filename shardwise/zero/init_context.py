@@ -21,6 +21,8 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.group import Group, as_group
+from shardwise.zero.hooks import ZeroParameter
+from shardwise.zero.param_status import ZeroParamStatus
 
 
 def _shard_bounds(numel: int, world: int, rank: int) -> tuple[int, int, int]:
@@ -49,6 +51,41 @@ def full_param_values(param: nn.Parameter, group: Group) -> tuple[torch.Tensor, 
     return full[:numel].view(shape), True
 
 
+class InitParameter(ZeroParameter):
+    """The class a parameter built under ``zero.Init`` is switched to once partitioned: DeepSpeed's ``ds_*``
+    attributes from construction on (Trainer and PEFT count parameters with ``ds_numel``), before any engine
+    exists. The engine later switches it to :class:`~shardwise.zero.hooks.ZeroParameter`."""
+
+    @property
+    def ds_shape(self) -> torch.Size:
+        """The full shape (``.shape`` is ``(0,)`` while only the shard is held)."""
+        return self._sw_init_shape
+
+    @property
+    def ds_numel(self) -> int:
+        """Elements of the full parameter."""
+        return self._sw_init_shape.numel()
+
+    @property
+    def ds_status(self) -> ZeroParamStatus:
+        """``AVAILABLE`` inside ``GatheredParameters``, else ``NOT_AVAILABLE``."""
+        full = self.data.numel() == self.ds_numel and self.ds_numel > 0
+        return ZeroParamStatus.AVAILABLE if full else ZeroParamStatus.NOT_AVAILABLE
+
+    @property
+    def ds_id(self) -> int:
+        """Construction order of the parameter under ``zero.Init`` (unique in the process)."""
+        return self._sw_init_id
+
+    @property
+    def ds_tensor(self) -> torch.Tensor:
+        """This rank's contiguous piece of the flattened parameter (1-D; may be empty)."""
+        return self._sw_init_shard
+
+
+_next_init_id = 0
+
+
 def _shard_param(param: nn.Parameter, group: Group, dtype: torch.dtype | None, device: torch.device | None) -> None:
     if hasattr(param, "_sw_init_shard") or hasattr(param, "_sw_unit"):
         return
@@ -63,7 +100,35 @@ def _shard_param(param: nn.Parameter, group: Group, dtype: torch.dtype | None, d
     param._sw_init_shape = data.shape
     param._sw_init_world = group.size
     param._sw_init_group = group
+    global _next_init_id
+    param._sw_init_id = _next_init_id
+    _next_init_id += 1
     param.data = torch.empty(0, dtype=data.dtype, device=data.device)
+    if type(param) is nn.Parameter:
+        param.__class__ = InitParameter
+
+
+def _enabled(section: Any) -> bool:
+    return isinstance(section, dict) and section.get("enabled") is True
+
+
+def _from_config(config: Any) -> tuple[torch.dtype | None, str | None]:
+    """The dtype and remote device a DeepSpeed config (dict, JSON path, or None) asks ``zero.Init`` for."""
+    if config is None:
+        return None, None
+    if not isinstance(config, dict):
+        from shardwise.config import read_config_dict
+
+        config = read_config_dict(config)
+    dtype = None
+    if _enabled(config.get("bf16")) or _enabled(config.get("bfloat16")):
+        dtype = torch.bfloat16
+    elif _enabled(config.get("fp16")):
+        dtype = torch.float16
+    zero = config.get("zero_optimization") or {}
+    offload = zero.get("offload_param") or {} if isinstance(zero, dict) else {}
+    device = offload.get("device") if isinstance(offload, dict) else None
+    return dtype, device if device in ("cpu", "nvme") else None
 
 
 def _all_module_classes() -> list[type]:
@@ -81,7 +146,9 @@ class Init:
 
     Arguments follow DeepSpeed's; ``data_parallel_group`` (default: every rank), ``dtype`` (cast before
     partitioning), ``remote_device`` ("cpu"/"nvme": shards are host tensors; NVMe placement happens when the engine
-    is built with ``offload_param``), ``enabled``. ``config_dict_or_path`` is accepted for compatibility.
+    is built with ``offload_param``), ``enabled``. ``config_dict_or_path`` (or ``config``; a dict or a JSON path)
+    supplies what the arguments leave unset, as in DeepSpeed: ``dtype`` from ``bf16``/``fp16`` ``enabled`` (else
+    the parameters keep theirs) and ``remote_device`` from ``zero_optimization.offload_param.device``.
     """
 
     def __init__(self, module: nn.Module | None = None, data_parallel_group: Any = None,
@@ -90,6 +157,9 @@ class Init:
                  dtype: torch.dtype | None = None, mpu: Any = None,
                  **_ignored: Any) -> None:
         self.enabled = enabled
+        cfg_dtype, cfg_device = _from_config(config_dict_or_path if config_dict_or_path is not None else config)
+        dtype = dtype if dtype is not None else cfg_dtype
+        remote_device = remote_device if remote_device is not None else cfg_device
         self.dtype = dtype
         self.device = torch.device("cpu") if remote_device in ("cpu", "nvme") else None
         self._group_arg = mpu.get_data_parallel_group() if mpu is not None and data_parallel_group is None \

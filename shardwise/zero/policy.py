@@ -42,6 +42,9 @@ class ZeroPolicy:
     pin_memory: bool
     grads_are_param_views: bool  # p.grad aliases the full buffer (kept, and in the parameters' dtype)
     comm_dtype: torch.dtype | None = None  # communication_data_type: reduce gradients in this dtype
+    #: 16-bit master weights (``bf16.bf16_master_weights_and_grads``, ``fp16.fp16_master_weights_and_grads``):
+    #: the master partition in the model's dtype instead of fp32; None: fp32 (float64 for float64 models)
+    master_dtype: torch.dtype | None = None
 
 
 
@@ -59,10 +62,19 @@ def default_bucket_numel(model_numel: int, explicit: int | None) -> int:
 
 def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str | None, bf16_optimizer: bool,
                 overlap_comm: bool, reduce_scatter: bool, bucket_numel: int, offload_optimizer: bool,
-                pin_memory: bool, comm_dtype: str | None = None) -> ZeroPolicy:
-    """Choose the policy for a stage, the model's dtype and the ``data_types.grad_accum_dtype`` setting."""
+                pin_memory: bool, comm_dtype: str | None = None, low_precision_master: bool = False) -> ZeroPolicy:
+    """Choose the policy for a stage, the model's dtype and the ``data_types.grad_accum_dtype`` setting.
+
+    ``low_precision_master`` (DeepSpeed 0.19's ``*_master_weights_and_grads``, stages 1-3): the master partition and
+    the gradients stay in the model's 16-bit dtype (``bf16_optimizer`` must then be off).
+    """
     low_precision = param_dtype in (torch.float16, torch.bfloat16)
+    if low_precision_master and (not low_precision or stage == 0 or bf16_optimizer):
+        raise ValueError(f"16-bit master weights need a 16-bit model at ZeRO stage 1-3 without the BF16 optimizer "
+                         f"(got {param_dtype}, stage {stage}, bf16_optimizer={bf16_optimizer})")
     accum = _DTYPES[grad_accum_dtype] or (torch.float32 if bf16_optimizer else param_dtype)
+    if low_precision_master:
+        accum = param_dtype
     if stage == 0 and bf16_optimizer:
         name, partitioned, every = "BF16 optimizer (ZeRO-1, fp32 gradient accumulation)", True, False
     elif stage == 0:
@@ -83,5 +95,6 @@ def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str |
         use_reduce_scatter=reduce_scatter, bucket_numel=bucket_numel, max_inflight=4,
         offload_optimizer=offload_optimizer, pin_memory=pin_memory,
         grads_are_param_views=not every and accum == param_dtype, comm_dtype=_DTYPES[comm_dtype],
+        master_dtype=param_dtype if low_precision_master else None,
     )
     return policy

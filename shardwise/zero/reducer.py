@@ -38,6 +38,7 @@ class GradReducer:
         self.policy = policy
         self.comm_group = comm_group
         self._reduce_now = False
+        self._armed = False  # between begin_backward and end_backward
         self._fresh = True  # the next reduction overwrites the partition instead of adding to it
         self._pending: dict[tuple[int, int], int] = {}
         self._launched: set[tuple[int, int]] = set()
@@ -49,6 +50,7 @@ class GradReducer:
     def begin_backward(self, reduce: bool) -> None:
         """Arm for one backward pass; ``reduce`` says whether this micro-step's gradients are communicated."""
         self._reduce_now = reduce or self.policy.reduce_every_micro_step
+        self._armed = True
         if self._reduce_now:
             self._launched.clear()
             self._pending = {
@@ -57,6 +59,7 @@ class GradReducer:
 
     def end_backward(self) -> None:
         """Launch every bucket not launched yet (unused parameters, or ``overlap_comm: false``)."""
+        self._armed = False
         if not self._reduce_now:
             return
         for gi, g in enumerate(self.groups):
@@ -86,6 +89,10 @@ class GradReducer:
         """Parameter ``pi`` of group ``gi`` has its gradient for this backward pass."""
         g = self.groups[gi]
         p = g.params[pi]
+        if not self._armed:
+            from shardwise.zero.hooks import outside_engine_error
+
+            raise outside_engine_error(p.shape)
         grad = p.grad
         self._touched.add((gi, pi))
         if self.policy.grads_are_param_views:

@@ -59,10 +59,10 @@ class Stage3Group:
         """All shards of the group (None when they live in a file)."""
         return self.store.view(0, self.total)
 
-    def allocate_master(self, device: torch.device, pin: bool = False) -> None:
-        """fp32 master weights of this rank's shards."""
+    def allocate_master(self, device: torch.device, pin: bool = False, dtype: torch.dtype | None = None) -> None:
+        """Master weights of this rank's shards: fp32, or ``dtype`` (16-bit master weights)."""
         values = self.store.fetch(0, self.total)
-        master = values.detach().to(device=device, dtype=master_dtype(self.dtype), copy=True)
+        master = values.detach().to(device=device, dtype=dtype or master_dtype(self.dtype), copy=True)
         if pin and device.type == "cpu":
             from shardwise.accelerator import get_accelerator
 
@@ -167,7 +167,8 @@ class Stage3Strategy:
         oo = zero_config.offload_optimizer
         for g in self.groups:  # (NVMe optimizer offload streams the masters into their files instead)
             if g is not None and not (oo is not None and oo.device == "nvme"):
-                g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory)
+                g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory,
+                                  policy.master_dtype)
         if oo is not None and oo.device == "nvme":
             if not oo.nvme_path:
                 raise ValueError("zero_optimization.offload_optimizer.device is 'nvme' but nvme_path is not set")
@@ -339,6 +340,8 @@ class Stage3Strategy:
 
     def on_grad_ready(self, unit: ParamUnit, index: int) -> None:
         """A parameter's gradient for this backward is complete; reduce the unit once all of them are."""
+        if not self._in_backward:
+            raise hooks.outside_engine_error(unit.shapes[index])
         if unit.grad_full is None:
             unit.attach_grads(self.policy.grad_dtype)
         unit.absorb_grad(index)

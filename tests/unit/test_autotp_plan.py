@@ -11,9 +11,9 @@ import torch
 import transformers
 from torch import nn
 
-from shardwise.inference import architectures as A
-from shardwise.inference import layouts as L
 from shardwise.inference.autotp import AutoTPError, plan_tensor_parallel, tie_declared_weights, tied_groups
+from shardwise.tp import architectures as A
+from shardwise.tp import layouts as L
 from tests.inference_models import ARCHS, tiny_config
 
 

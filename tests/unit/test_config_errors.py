@@ -159,7 +159,7 @@ def test_zero_batch_value_is_refused():
         ({"hybrid_engine": {"enabled": True}}, "hybrid_engine.enabled", "hybrid engine"),
         ({"elasticity": {"enabled": True}}, "elasticity.enabled", "batch keys"),
         ({"zero_optimization": {"stage": 3, "mics_shard_size": 8}}, "zero_optimization.mics_shard_size", "MiCS"),
-        ({"tensor_parallel": {"autotp_size": 2}}, "tensor_parallel.autotp_size", "AutoTP"),
+        ({"tensor_parallel": {"tp": {"tp_size": 2}}}, "tensor_parallel.tp.tp_size", "autotp_size"),
         ({"compile": {"deepcompile": True}}, "compile", "torch.compile"),
         ({"sparse_gradients": True}, "sparse_gradients", "sparse"),
         ({"optimizer": {"type": "MuAdam", "params": {}}}, "optimizer.type", "torch.optim"),

@@ -19,12 +19,13 @@ def test_initial_implementation_state():
                  "comet", "trackio", "flops_profiler",
                  "zero_optimization.offload_optimizer.device", "zero_optimization.offload_param.device",
                  "zero_optimization.zero_hpz_partition_size", "zero_optimization.zero_quantized_weights",
-                 "zero_optimization.zero_quantized_gradients", "communication_data_type"):
+                 "zero_optimization.zero_quantized_gradients", "communication_data_type", "torch_autocast",
+                 "tensor_parallel.autotp_size"):
         assert (path, Status.SUPPORTED) in status, path
-    for path in ("amp.enabled", "torch_autocast.enabled", "elasticity.enabled",
+    for path in ("amp.enabled", "elasticity.enabled",
                  "data_efficiency.data_sampling.dynamic_batching",
                  "hybrid_engine.enabled", "sparse_gradients", "compile", "nebula.enabled",
-                 "zero_optimization.mics_shard_size", "zero_optimization.zenflow", "tensor_parallel.autotp_size"):
+                 "zero_optimization.mics_shard_size", "zero_optimization.zenflow", "tensor_parallel.tp.tp_size"):
         assert (path, Status.NOT_YET) in status, path
     for path in ("compression_training", "quantize_training", "progressive_layer_drop",
                  "sparse_attention", "optimizer.type"):

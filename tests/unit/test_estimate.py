@@ -151,3 +151,33 @@ def test_cli_rejects_a_bad_count(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit):
         main(["--params", "lots"])
     assert "not a count" in capsys.readouterr().err
+
+
+def test_16bit_master_weights_and_optimizer_states() -> None:
+    """bf16_master_weights_and_grads halves the master; bf16_optimizer_states halves Adam's state too."""
+    base = estimate_model_states(P, N, 2, "bf16")
+    master = estimate_model_states(P, N, 2, "bf16", low_precision_master=True)
+    both = estimate_model_states(P, N, 2, "bf16", low_precision_master=True, low_precision_optimizer_states=True)
+    assert (master.master_weights, master.optimizer_states) == (2 * P // N, 8 * P // N)
+    assert (both.master_weights, both.optimizer_states) == (2 * P // N, 4 * P // N)
+    assert base.device_total - both.device_total == 6 * P // N
+    s1 = estimate_model_states(P, N, 1, "bf16", grad_accum_dtype="fp32", low_precision_master=True)
+    assert s1.gradients == 2 * P + 2 * P // N  # 16-bit gradients whatever grad_accum_dtype says
+    with pytest.raises(ValueError, match="stage 1-3"):
+        estimate_model_states(P, N, 0, "bf16", low_precision_master=True)
+    with pytest.raises(ValueError, match="needs low_precision_master"):
+        estimate_model_states(P, N, 2, "bf16", low_precision_optimizer_states=True)
+
+
+def test_cli_16bit_master_flags_and_config(tmp_path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["--params", "1B", "--num_gpus", "4", "--stage", "2", "--offload_optimizer", "none", "--json",
+                 "--low_precision_master", "--low_precision_optimizer_states"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["master_weights"], row["optimizer_states"]) == (2 * 10**9 // 4, 4 * 10**9 // 4)
+    cfg = tmp_path / "ds_config.json"
+    cfg.write_text(json.dumps({"train_batch_size": 16, "zero_optimization": {"stage": 3},
+                               "bf16": {"enabled": True, "bf16_master_weights_and_grads": True,
+                                        "bf16_optimizer_states": True}}))
+    assert main(["--params", "1B", "--num_gpus", "2", "--config", str(cfg), "--json"]) == 0
+    (row,) = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert (row["master_weights"], row["optimizer_states"]) == (10**9, 2 * 10**9)

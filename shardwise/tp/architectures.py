@@ -4,7 +4,8 @@ For every supported ``config.model_type`` an ``ArchRule`` names where the decode
 a block are split by output features (column: q/k/v/up/gate and fused QKV) or by input features (row: the
 attention output and the MLP down projection, followed by an all-reduce), how a fused projection is laid out, and
 which attributes of the attention module count heads (they are divided so the module reshapes its local
-activations correctly). ``autotp.py`` applies these rules; nothing here touches a model.
+activations correctly). Both auto-TP users read these rules: inference (``shardwise/inference/autotp.py``) and
+AutoTP training (``shardwise/tp/autotp.py``); nothing here touches a model.
 
 Fused layouts (output dimension of the QKV projection):
 
@@ -35,7 +36,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shardwise.inference import layouts as L
+from shardwise.tp import layouts as L
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,8 @@ class ArchRule:
     alibi: Callable[[Any], bool] = lambda config: False
     #: the projection layout of a fused QKV may depend on the config (Falcon)
     qkv_layout: Callable[[Any], str] | None = None
+    #: (embedding path, LM head path) that declarative plans split along the vocabulary; None: kept whole
+    vocab: tuple[str, str] | None = None
 
 
 #: attribute names that count heads or hold an attention width in every architecture that has them: an attention
@@ -185,6 +188,7 @@ _LLAMA = ArchRule(
     # 4.45 reshapes with num_heads / num_key_value_heads (Qwen2 with hidden_size); 5.x keeps only the groups
     head_attrs={"num_heads": "heads", "num_key_value_heads": "kv_heads", "num_key_value_groups": "kv_groups",
                 "hidden_size": "q_width"},
+    vocab=("model.embed_tokens", "lm_head"),
 )
 
 RULES: dict[str, ArchRule] = {

@@ -1,4 +1,4 @@
-"""Pure math of inference sharding: which index ranges of a full weight dimension each tensor-parallel rank keeps.
+"""Pure math of auto-TP sharding: which index ranges of a full weight dimension each tensor-parallel rank keeps.
 
 A ``ShardLayout`` lists, for every rank, the half-open ranges of one dimension of a full weight that the rank
 holds, concatenated in order. Most layouts are plain ``DimSplit``s of ``shardwise.tp.partition`` (contiguous
