@@ -18,8 +18,8 @@ from torch import nn
 
 from shardwise.zero import hooks
 from shardwise.zero.external import ExternalParameterMode
-from shardwise.zero.saved_params import saved_param_hooks
 from shardwise.zero.prefetch import FetchTrace
+from shardwise.zero.saved_params import saved_param_hooks
 from shardwise.zero.unit import ParamUnit, UnitState
 
 if TYPE_CHECKING:
