@@ -197,6 +197,8 @@ def materialize_shards(units: list[ParamUnit], group: Group, strategy: Stage3Str
             values, was_sharded = full_param_values(p, group)
             from_init |= was_sharded
             full[slot.offset : slot.offset + slot.numel].copy_(values.reshape(-1))
+            if was_sharded:  # the unit's store holds it from now on: drop zero.Init's copy of the shard
+                del p._sw_init_shard
         if not from_init:  # every replica starts from the first rank's weights
             comm.broadcast(full, src=group.global_rank(0), group=group)
         if u.persistent:

@@ -19,6 +19,7 @@ from torch import nn
 from shardwise.zero import hooks
 from shardwise.zero.external import ExternalParameterMode
 from shardwise.zero.prefetch import FetchTrace
+from shardwise.zero.saved_params import saved_param_hooks
 from shardwise.zero.unit import ParamUnit, UnitState
 
 if TYPE_CHECKING:
@@ -114,7 +115,7 @@ class FetchRelease:
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
         """Detect parameters used outside their module during forward (``external.py``)."""
-        with ExternalParameterMode(self):
+        with ExternalParameterMode(self), saved_param_hooks(self):
             yield
 
     def register_external_units(self: Stage3Strategy, module: nn.Module, units: list[ParamUnit]) -> None:
