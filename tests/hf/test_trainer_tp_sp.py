@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.hf.conftest import SCRIPTS, _env, ds_config, run_script
+from tests.hf.conftest import SCRIPTS, ds_config, hf_env, run_script
 
 pytestmark = pytest.mark.slow
 
@@ -94,7 +94,7 @@ def test_trainer_autotp_with_ulysses_is_refused_clearly(tiny_llama: str, tmp_pat
     cfg_path.write_text(json.dumps(_tp_config(1)))
     cmd = [sys.executable, "-m", "shardwise.launcher.cli", "--num_gpus", "2", str(SCRIPTS / "trainer_tp_sp.py"),
            "--model", tiny_llama, "--out", str(tmp_path / "both"), "--sp", "2", "--deepspeed", str(cfg_path)]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=_env(), capture_output=True, text=True, timeout=400)
+    proc = subprocess.run(cmd, cwd=tmp_path, env=hf_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode != 0
     text = proc.stdout + proc.stderr
     assert "tensor_parallel.autotp_size" in text and "sp_size" in text and "Fix:" in text, text[-4000:]
