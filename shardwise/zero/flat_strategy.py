@@ -85,18 +85,6 @@ class FlatStrategy(StrategyBase):
         """Wait until reduced gradients are in place."""
         self.reducer.wait_all()
 
-    def local_grad_norm_sq(self) -> torch.Tensor:
-        """Squared norm of the gradients this rank owns."""
-        return self.optimizer.local_norm_sq()
-
-    def scale_grads(self, factor: float) -> None:
-        """Apply averaging, loss-unscaling and clipping in one multiply."""
-        self.optimizer.scale_grads(factor)
-
-    def optimizer_step(self) -> None:
-        """Update owned weights and republish them."""
-        self.optimizer.step()
-
     def publish_weights(self) -> None:
         """Make the model's weights current from the fp32 masters (after they were written, e.g. by a load)."""
         if self.policy.use_master:

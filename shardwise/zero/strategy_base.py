@@ -53,6 +53,18 @@ class StrategyBase(abc.ABC):
                            f"(shape {tuple(param.shape)}); local gradients exist only with ZeRO stages 0 and 1")
 
     # -- shared ------------------------------------------------------------------------------------------------
+    def local_grad_norm_sq(self) -> torch.Tensor:
+        """Squared norm of the reduced gradients this rank owns."""
+        return self.optimizer.local_norm_sq()
+
+    def scale_grads(self, factor: float) -> None:
+        """Averaging, loss-unscaling and clipping in one multiply."""
+        self.optimizer.scale_grads(factor)
+
+    def optimizer_step(self) -> None:
+        """Step the fp32 masters and republish the weights (ZeRO-3: into the shards; persistent units refresh)."""
+        self.optimizer.step()
+
     @property
     def norm_is_partitioned(self) -> bool:
         """Whether the norm must be summed over the ZeRO group (each rank owns a different part)."""

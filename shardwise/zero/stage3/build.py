@@ -17,7 +17,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.comm.group import Group
 from shardwise.config import ZeroConfig
-from shardwise.zero.flat_buffer import master_dtype
+from shardwise.zero.flat_buffer import copy_master, master_dtype
 from shardwise.zero.init_context import full_param_values, full_shape
 from shardwise.zero.layout import build_layout
 from shardwise.zero.shard_comm import ShardComm
@@ -54,13 +54,7 @@ class Stage3Group:
 
     def allocate_master(self, device: torch.device, pin: bool = False, dtype: torch.dtype | None = None) -> None:
         """Master weights of this rank's shards: fp32, or ``dtype`` (16-bit master weights)."""
-        values = self.store.fetch(0, self.total)
-        master = values.detach().to(device=device, dtype=dtype or master_dtype(self.dtype), copy=True)
-        if pin and device.type == "cpu":
-            from shardwise.accelerator import get_accelerator
-
-            master = get_accelerator().pin_memory(master)
-        self.master = master
+        self.master = copy_master(self.store.fetch(0, self.total), device, dtype or master_dtype(self.dtype), pin)
 
     @torch.no_grad()
     def publish_master(self, comm_group: Any, handles: list, max_inflight: int) -> None:
@@ -203,6 +197,8 @@ def materialize_shards(units: list[ParamUnit], group: Group, strategy: Stage3Str
             values, was_sharded = full_param_values(p, group)
             from_init |= was_sharded
             full[slot.offset : slot.offset + slot.numel].copy_(values.reshape(-1))
+            if was_sharded:  # the unit's store holds it from now on: drop zero.Init's copy of the shard
+                del p._sw_init_shard
         if not from_init:  # every replica starts from the first rank's weights
             comm.broadcast(full, src=group.global_rank(0), group=group)
         if u.persistent:

@@ -19,6 +19,7 @@ from torch import nn
 from shardwise.zero import hooks
 from shardwise.zero.external import ExternalParameterMode
 from shardwise.zero.prefetch import FetchTrace
+from shardwise.zero.saved_params import saved_param_hooks
 from shardwise.zero.unit import ParamUnit, UnitState
 
 if TYPE_CHECKING:
@@ -54,13 +55,19 @@ class FetchRelease:
         """Between ``begin_backward`` and ``end_backward`` (read by tests that trace gathers)."""
         return self.phase is Phase.BACKWARD
 
-    def fetch(self, units: list[ParamUnit]) -> None:
-        """Make ``units`` gathered (recording the order and prefetching what the trace says comes next)."""
+    @contextlib.contextmanager
+    def _rebinding(self) -> Iterator[None]:
+        """The strategy itself rebinds parameters' ``.data`` meanwhile (the external-use detector ignores it)."""
         self.internal += 1
         try:
-            self._fetch(units)
+            yield
         finally:
             self.internal -= 1
+
+    def fetch(self, units: list[ParamUnit]) -> None:
+        """Make ``units`` gathered (recording the order and prefetching what the trace says comes next)."""
+        with self._rebinding():
+            self._fetch(units)
 
     def _fetch(self, units: list[ParamUnit]) -> None:
         # backward runs with grad mode off: the engine's begin/end_backward set the phase, so backward fetches are
@@ -82,11 +89,8 @@ class FetchRelease:
 
     def release(self, units: list[ParamUnit]) -> None:
         """Drop full parameters no longer needed (persistent and soon-reused units stay)."""
-        self.internal += 1
-        try:
+        with self._rebinding():
             self._release(units)
-        finally:
-            self.internal -= 1
 
     def _release(self, units: list[ParamUnit]) -> None:
         for u in units:
@@ -111,7 +115,7 @@ class FetchRelease:
     @contextlib.contextmanager
     def forward_context(self) -> Iterator[None]:
         """Detect parameters used outside their module during forward (``external.py``)."""
-        with ExternalParameterMode(self):
+        with ExternalParameterMode(self), saved_param_hooks(self):
             yield
 
     def register_external_units(self: Stage3Strategy, module: nn.Module, units: list[ParamUnit]) -> None:

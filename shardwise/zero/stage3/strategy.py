@@ -46,8 +46,9 @@ class Stage3Strategy(FetchRelease, GradReduction, StateAccess, StrategyBase):
         self._io_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="shardwise-nvme")
         self._build_groups(basic, zero_config)
         materialize_shards(self.units, group, self)
-        for g in self.groups:
-            if g is not None:
+        oo = zero_config.offload_optimizer
+        for g in self.groups:  # (NVMe optimizer offload streams the masters into their files instead)
+            if g is not None and not (oo is not None and oo.device == "nvme"):
                 g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory,
                                   policy.master_dtype)
         self.optimizer = self._build_optimizer(basic, zero_config)
@@ -85,16 +86,3 @@ class Stage3Strategy(FetchRelease, GradReduction, StateAccess, StrategyBase):
             return SwappedAdam(basic, self.groups, self.policy, self.group, oo.nvme_path, int(zc.sub_group_size),
                                self._io_pool)
         return FlatOptimizer(basic, self.groups, self.policy, self.group)
-
-    # -- the optimizer-facing calls of the protocol ----------------------------------------------------------------
-    def local_grad_norm_sq(self) -> torch.Tensor:
-        """Squared norm of this rank's reduced gradient shards."""
-        return self.optimizer.local_norm_sq()
-
-    def scale_grads(self, factor: float) -> None:
-        """Averaging, unscaling and clipping in one multiply."""
-        self.optimizer.scale_grads(factor)
-
-    def optimizer_step(self) -> None:
-        """Step the fp32 masters, cast them into the shards, refresh persistent units."""
-        self.optimizer.step()
