@@ -18,6 +18,8 @@ SECTIONS = [  # (heading, results file, the command that produces it)
     ("ZeRO-3 memory and ZeRO++ communication", "zero3.md", "python benchmarks/bench_zero3.py"),
     ("Checkpoints", "checkpoint.md", "python benchmarks/bench_checkpoint.py"),
     ("Tensor parallelism and activation memory", "tp.md", "python benchmarks/bench_tp.py"),
+    ("Ulysses sequence parallelism: memory per rank", "sp_memory.md",
+     "python benchmarks/bench_sp_memory.py --budget-mb 2000"),
     ("Pipeline parallelism", "pipe.md", "python benchmarks/bench_pipe.py"),
     ("Inference", "inference.md", "python benchmarks/bench_inference.py"),
     ("16-bit master weights", "low_precision.md", "python benchmarks/bench_low_precision.py"),
