@@ -174,7 +174,7 @@ def build_fsdp2(model, args, reshard: bool):
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16) if args.precision == "bf16" else MixedPrecisionPolicy()
-    for block in model.blocks:
+    for block in (model.blocks if hasattr(model, "blocks") else model.layers):  # GPT | LLaMA
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard, mp_policy=mp)
     opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
@@ -235,6 +235,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stage", type=int, default=0)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--model", choices=["gpt", "llama"], default="gpt",
+                    help="llama: shardwise/models/llama.py (n_layer/n_embd/n_head = layers/dim/heads)")
     ap.add_argument("--n_layer", type=int, default=4)
     ap.add_argument("--n_embd", type=int, default=256)
     ap.add_argument("--n_head", type=int, default=4)
@@ -255,10 +257,17 @@ def main() -> None:
     if not dist.is_initialized() and args.engine != "deepspeed":
         dist.init_process_group("gloo")
     rss_start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # torch + process group, no model yet
-    gpt = load_gpt_module()
     torch.manual_seed(0)
-    model = gpt.GPT(gpt.GPTConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
-                                  n_head=args.n_head, n_embd=args.n_embd))
+    if args.model == "llama":  # the reference LLaMA imports shardwise.tp for its layers (plain nn.Linear at tp=1)
+        sys.path.insert(0, str(ROOT))
+        from shardwise.models.llama import Llama, LlamaConfig
+
+        model = Llama(LlamaConfig(vocab_size=args.vocab, dim=args.n_embd, n_layers=args.n_layer,
+                                  n_heads=args.n_head, max_seq_len=args.block))
+    else:
+        gpt = load_gpt_module()
+        model = gpt.GPT(gpt.GPTConfig(vocab_size=args.vocab, block_size=args.block, n_layer=args.n_layer,
+                                      n_head=args.n_head, n_embd=args.n_embd))
     n_params = model.num_parameters()
     reset_extra = None
     if args.engine == "ddp":

@@ -57,12 +57,15 @@ class SwappedAdam(FlatOptimizer):
                 continue
             files = {k: NvmeStore(g.total, torch.float32, directory, f"optim{gi}-{k}", torch.device("cpu"), pool)
                      for k in _KINDS}
-            files["master"].write(0, g.master)
+            # fp32 masters from the shards and zero moments, one sub-group at a time: never the whole group in memory
             zeros = torch.zeros(min(g.total, self.sub_group_size), dtype=torch.float32)
-            for k in ("exp_avg", "exp_avg_sq"):
-                for lo in range(0, g.total, zeros.numel()):
-                    files[k].write(lo, zeros[: min(zeros.numel(), g.total - lo)])
-            g.master = None  # not resident any more
+            for lo in range(0, g.total, zeros.numel()):
+                n = min(zeros.numel(), g.total - lo)
+                master = g.master[lo : lo + n] if g.master is not None else g.store.fetch(lo, n)
+                files["master"].write(lo, master.to(torch.float32))
+                for k in ("exp_avg", "exp_avg_sq"):
+                    files[k].write(lo, zeros[:n])
+            g.master = None  # not resident
             self.files.append(files)
 
     # -- resident view for checkpoints / inspection -------------------------------------------------------------
@@ -82,7 +85,12 @@ class SwappedAdam(FlatOptimizer):
     # -- step ---------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self) -> None:
-        """Stream every group through one fused Adam pass, ``sub_group_size`` elements at a time."""
+        """Stream every group through one fused Adam pass, ``sub_group_size`` elements at a time.
+
+        The I/O overlaps the arithmetic: the next sub-group's three reads are issued before this one's Adam pass,
+        and this one's writes (master, moments, new weights) run on the I/O pool during the next one's; at most two
+        sub-groups are in memory (one being stepped, one being read or written).
+        """
         self._flush()
         for gi, (g, files) in enumerate(zip(self.groups, self.files)):
             if g is None:
@@ -90,17 +98,29 @@ class SwappedAdam(FlatOptimizer):
             hp = self.basic.param_groups[gi]
             self.steps[gi] += 1
             beta1, beta2 = hp["betas"]
-            for lo in range(0, g.total, self.sub_group_size):
-                n = min(self.sub_group_size, g.total - lo)
+            chunks = [(lo, min(self.sub_group_size, g.total - lo)) for lo in range(0, g.total, self.sub_group_size)]
+            for k in _KINDS:
+                files[k].prefetch(*chunks[0])
+            writes: list = []
+            for i, (lo, n) in enumerate(chunks):
                 master, m, v = (files[k].fetch(lo, n) for k in _KINDS)
+                if i + 1 < len(chunks):
+                    for k in _KINDS:
+                        files[k].prefetch(*chunks[i + 1])
                 grad = g.part_grad[lo : lo + n].to(torch.float32)
                 lowp = torch.empty(n, dtype=g.dtype)
                 adam_step_flat(master, grad, m, v, step=self.steps[gi], lr=hp["lr"], beta1=beta1, beta2=beta2,
                                eps=hp["eps"], weight_decay=hp["weight_decay"], adamw_mode=self.adamw,
                                bias_correction=hp.get("bias_correction", True), lowp_out=lowp)
-                for k, t in zip(_KINDS, (master, m, v)):
-                    files[k].write(lo, t)
-                g.store.write(lo, lowp)
+                for w in writes:  # the previous sub-group's writes: bounds the memory held by the pipeline
+                    w.result()
+                writes = [files[k].write_async(lo, t) for k, t in zip(_KINDS, (master, m, v))]
+                if isinstance(g.store, NvmeStore):
+                    writes.append(g.store.write_async(lo, lowp))
+                else:
+                    g.store.write(lo, lowp)
+            for w in writes:
+                w.result()
         self._refresh_persistent()
 
     @torch.no_grad()

@@ -108,6 +108,11 @@ class NvmeStore:
         written = os.pwritev(self.fd, [_as_bytes(data)], offset * self.itemsize)
         self.bytes_written += written
 
+    def write_async(self, offset: int, values: torch.Tensor) -> Future:
+        """``write`` on the I/O pool; the caller keeps the future and waits for it before reading that range."""
+        self._pending.pop(offset, None)
+        return self.pool.submit(self.write, offset, values.detach().reshape(-1))
+
     def drop_pending(self) -> None:
         """Forget read-aheads (the weights are about to change)."""
         for f in self._pending.values():

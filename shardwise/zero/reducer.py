@@ -15,6 +15,7 @@ import torch
 
 from shardwise import comm
 from shardwise.comm.group import Group
+from shardwise.zero.errors import outside_engine_error
 from shardwise.zero.flat_buffer import FlatGroup
 from shardwise.zero.policy import ZeroPolicy
 
@@ -92,8 +93,6 @@ class GradReducer:
         g = self.groups[gi]
         p = g.params[pi]
         if not self._armed:
-            from shardwise.zero.hooks import outside_engine_error
-
             raise outside_engine_error(p.shape)
         grad = p.grad
         self._touched.add((gi, pi))
