@@ -52,7 +52,13 @@ class CpuAccelerator(Accelerator):
         return True
 
     def device_count(self) -> int:
-        # One logical "device" per process: ranks on a CPU machine each use the host.
+        """The ranks on this node (``LOCAL_SIZE`` from the launcher, else torchrun's ``LOCAL_WORLD_SIZE``), else 1:
+        DeepSpeed's CPU accelerator counts one "device" per local rank, and code checks
+        ``world_size <= device_count()``."""
+        for name in ("LOCAL_SIZE", "LOCAL_WORLD_SIZE"):
+            value = os.environ.get(name, "").strip()
+            if value.isdigit() and int(value) > 0:
+                return int(value)
         return 1
 
     def current_device(self) -> int:

@@ -13,6 +13,7 @@ Options come from the ``activation_checkpointing`` config section (``partition_a
 (``get_cuda_rng_tracker``, ``model_parallel_cuda_manual_seed``) lives in ``shardwise.tp.random``.
 """
 
+from shardwise.activation_checkpointing.buffers import release_contiguous_buffers
 from shardwise.activation_checkpointing.function import (
     CheckpointFunction,
     checkpoint,
@@ -28,7 +29,7 @@ from shardwise.activation_checkpointing.settings import (
     partition_activations_in_checkpoint,
     set_num_layers,
 )
-from shardwise.activation_checkpointing.storage import memory_stats, release_contiguous_buffers
+from shardwise.activation_checkpointing.storage import memory_stats
 from shardwise.tp.random import (
     CudaRNGStatesTracker,
     RNGStatesTracker,

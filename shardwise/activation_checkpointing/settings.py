@@ -11,14 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from shardwise.activation_checkpointing.buffers import CheckpointingConfigError, release_contiguous_buffers
 from shardwise.comm.foreign_mpu import tensor_group_of
 from shardwise.comm.group import Group
 from shardwise.tp import random as tp_random
 from shardwise.utils.logging import log_dist
-
-
-class CheckpointingConfigError(ValueError):
-    """The activation-checkpointing options cannot be combined; the message says how to fix them."""
 
 
 @dataclass(frozen=True)
@@ -121,8 +118,6 @@ def configure(mpu_: Any, deepspeed_config: Any = None, partition_activations: bo
     new = replace(base, **{k: v for k, v in overrides.items() if v is not None})
     _validate(new)
     group = _group_of(mpu_) if mpu_ is not None else _group
-    from shardwise.activation_checkpointing.storage import release_contiguous_buffers
-
     release_contiguous_buffers()
     _settings, _group, _configured = new, group, True
     if mpu_ is not None:

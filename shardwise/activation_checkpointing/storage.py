@@ -21,9 +21,11 @@ from typing import Any
 
 import torch
 
-from shardwise import comm
-from shardwise.activation_checkpointing.settings import CheckpointingConfigError, Settings
+from shardwise.activation_checkpointing import buffers
+from shardwise.activation_checkpointing.settings import Settings
+from shardwise.comm.collectives import all_gather_padded
 from shardwise.comm.group import Group
+from shardwise.comm.shards import padded_shard
 
 
 def is_activation(x: Any) -> bool:
@@ -31,42 +33,7 @@ def is_activation(x: Any) -> bool:
     return torch.is_tensor(x) and x.is_floating_point() and not getattr(x, "no_checkpointing", False)
 
 
-class _ContiguousBuffers:
-    """One preallocated ``[number_checkpoints, slice]`` block per argument position, filled row by row."""
-
-    def __init__(self) -> None:
-        self.blocks: dict[int, torch.Tensor] = {}
-        self.next: dict[int, int] = defaultdict(int)
-
-    def take(self, index: int, piece: torch.Tensor, slots: int) -> torch.Tensor:
-        block = self.blocks.get(index)
-        if block is None:
-            block = torch.empty((slots, piece.numel()), dtype=piece.dtype, device=piece.device)
-            self.blocks[index] = block
-        if block.shape[1] != piece.numel() or block.dtype != piece.dtype or block.device != piece.device:
-            raise CheckpointingConfigError(
-                f"contiguous_memory_optimization needs every checkpoint's argument {index} to have the same size, "
-                f"dtype and device; got a slice of {piece.numel()} {piece.dtype} on {piece.device} after "
-                f"{block.shape[1]} {block.dtype} on {block.device}. Turn contiguous_memory_optimization off")
-        row = self.next[index]
-        if row >= slots:
-            raise CheckpointingConfigError(
-                f"more than number_checkpoints={slots} checkpoints were stored in one forward pass; raise "
-                "activation_checkpointing.number_checkpoints (or configure(num_checkpoints=...)) to the number of "
-                "checkpointed calls per forward, or call shardwise.checkpointing.reset() between forward passes "
-                "that have no backward (evaluation)")
-        self.next[index] = row + 1
-        return block[row].copy_(piece)
-
-
-_BUFFERS = _ContiguousBuffers()
 _LIVE: weakref.WeakSet = weakref.WeakSet()
-
-
-def release_contiguous_buffers() -> None:
-    """Forget the contiguous blocks (slices already handed out stay valid until their checkpoints finish)."""
-    global _BUFFERS
-    _BUFFERS = _ContiguousBuffers()
 
 
 @dataclass
@@ -98,7 +65,7 @@ class Stash:
                 if settings.cpu_checkpointing:
                     piece = _to_host(piece)
                 if settings.contiguous_memory_optimization:  # the block lives where the slices do
-                    piece = _BUFFERS.take(slot, piece, settings.number_checkpoints or 1)
+                    piece = buffers.take(slot, piece, settings.number_checkpoints or 1)
                 self.entries.append(_Entry("slice", piece, tuple(arg.shape), arg.device))
             elif settings.cpu_checkpointing:
                 self.entries.append(_Entry("tensor", _to_host(arg), tuple(arg.shape), arg.device))
@@ -108,12 +75,7 @@ class Stash:
         _LIVE.add(self)
 
     def _slice(self, x: torch.Tensor) -> torch.Tensor:
-        n, r = self.group.size, self.group.rank
-        flat = x.detach().reshape(-1)
-        width = -(-flat.numel() // n)
-        if flat.numel() != width * n:
-            flat = torch.cat([flat, flat.new_zeros(width * n - flat.numel())])
-        return flat.narrow(0, r * width, width).clone()
+        return padded_shard(x.detach().reshape(-1), self.group.size, self.group.rank).clone()
 
     def restore(self) -> list[Any]:
         """The original arguments (tensors detached, on their original devices). Collective when partitioned."""
@@ -124,13 +86,10 @@ class Stash:
             elif e.kind == "tensor":
                 out.append(e.value.to(e.device) if e.value.device != e.device else e.value)
             else:
-                piece = e.value.to(e.device)
-                full = piece.new_empty(piece.numel() * self.group.size)
-                comm.all_gather_into_tensor(full, piece, group=self.group)
                 numel = 1
                 for s in e.shape:
                     numel *= s
-                out.append(full.narrow(0, 0, numel).view(e.shape))
+                out.append(all_gather_padded(e.value.to(e.device), numel, self.group).view(e.shape))
         return out
 
     def release(self) -> None:

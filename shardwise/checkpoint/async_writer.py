@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shardwise.checkpoint.commit import SaveJob
 from shardwise.checkpoint.errors import CheckpointError
 from shardwise.utils.logging import logger
+
+if TYPE_CHECKING:
+    from shardwise.engine.engine import Engine
 
 
 class _Pending:
@@ -43,7 +46,7 @@ class _Pending:
 _PENDING: weakref.WeakKeyDictionary[Any, _Pending] = weakref.WeakKeyDictionary()
 
 
-def start(engine: Any, job: SaveJob) -> None:
+def start(engine: Engine, job: SaveJob) -> None:
     """Run ``job`` in the background for ``engine`` (the caller has waited for the previous one)."""
     if engine in _PENDING:
         raise CheckpointError("internal error: a save is already in flight for this engine")
@@ -52,13 +55,13 @@ def start(engine: Any, job: SaveJob) -> None:
     pending.thread.start()
 
 
-def in_flight(engine: Any) -> bool:
+def in_flight(engine: Engine) -> bool:
     """Whether a background save of ``engine`` has not finished yet."""
     pending = _PENDING.get(engine)
     return pending is not None and pending.thread.is_alive()
 
 
-def wait(engine: Any) -> None:
+def wait(engine: Engine) -> None:
     """Block until ``engine``'s background save (if any) is written (and, on rank 0, committed); raise its error."""
     pending = _PENDING.pop(engine, None)
     if pending is None:

@@ -10,10 +10,9 @@ tensors while a background thread writes; otherwise entries are views written di
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -21,6 +20,10 @@ import shardwise
 from shardwise.checkpoint import codec, model_view, optim_state, rng
 from shardwise.checkpoint.errors import CheckpointError
 from shardwise.checkpoint.files import TensorSpec, dtype_name
+
+if TYPE_CHECKING:
+    from shardwise.engine.engine import Engine
+
 
 META_PREFIX = "meta."
 
@@ -64,7 +67,7 @@ def _piece(snap: RankSnapshot, entry: dict, kind: str, mt: model_view.ModelTenso
     entry["dtypes"][kind] = dtype_name(value.dtype)
 
 
-def _tensor_entries(engine: Any, view: model_view.ModelView, snap: RankSnapshot, exclude_frozen: bool,
+def _tensor_entries(engine: Engine, view: model_view.ModelView, snap: RankSnapshot, exclude_frozen: bool,
                     copy: bool) -> None:
     tensors, aliases, extra = view
     frag_writer = model_view.writes_fragments(engine)
@@ -96,7 +99,7 @@ def _tensor_entries(engine: Any, view: model_view.ModelView, snap: RankSnapshot,
         snap.index["module_extra"] = codec.encode(extra, sink, f"{META_PREFIX}extra.", "module extra state")
 
 
-def _fragment_pieces(engine: Any, snap: RankSnapshot, entry: dict, mt: model_view.ModelTensor, copy: bool) -> None:
+def _fragment_pieces(engine: Engine, snap: RankSnapshot, entry: dict, mt: model_view.ModelTensor, copy: bool) -> None:
     for frag in engine.strategy.fragments(mt.tensor):
         flat = (frag.start, frag.end)
         if frag.fp32 is not None:
@@ -119,22 +122,20 @@ class _Sink(dict):
         self._snap.add(key, value, self._copy)
 
 
-def _layout(engine: Any) -> dict[str, Any]:
+def _layout(engine: Engine) -> dict[str, Any]:
     topo, strategy = engine.topology, engine.strategy
-    policy = getattr(strategy, "policy", None)
     return {"world_size": topo.world_size, "axes": {a: topo.size(a) for a in ("pp", "dp", "sp", "tp")},
             "zero_stage": engine.zero_optimization_stage(),
             "state_group_size": strategy.state_group.size if strategy is not None else 1,
-            "partitioned": bool(getattr(policy, "partitioned", False)),
-            "offload_optimizer": bool(getattr(policy, "offload_optimizer", False)),
+            "partitioned": strategy is not None and strategy.policy.partitioned,
+            "offload_optimizer": strategy is not None and strategy.policy.offload_optimizer,
             "strategy": strategy.describe() if strategy is not None else None,
             "model_dtype": dtype_name(next((p.dtype for p in engine.module.parameters()), torch.float32))}
 
 
-def _global_fields(engine: Any, client_state: dict, sink: _Sink) -> dict[str, Any]:
+def _global_fields(engine: Engine, client_state: dict, sink: _Sink) -> dict[str, Any]:
     basic = engine.strategy.optimizer.basic if engine.strategy is not None else None
     sched = engine.lr_scheduler
-    raw = engine.config.raw if isinstance(getattr(engine.config, "raw", None), dict) else {}
     return {
         "shardwise_version": shardwise.__version__,
         "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -155,16 +156,16 @@ def _global_fields(engine: Any, client_state: dict, sink: _Sink) -> dict[str, An
         "client_state": codec.encode(client_state, sink, f"{META_PREFIX}client.", "client_state"),
         "data_efficiency": codec.encode(_data_efficiency_state(engine), sink, f"{META_PREFIX}data.",
                                         "data_efficiency state"),
-        "config": json.loads(json.dumps(raw, default=str)),
+        "config": engine.config.as_written(),
     }
 
 
-def _data_efficiency_state(engine: Any) -> dict[str, Any]:
+def _data_efficiency_state(engine: Engine) -> dict[str, Any]:
     """Curriculum sampler / schedule and random-LTD states (empty when none is on; see shardwise/data/)."""
-    return engine.data_efficiency_state_dict() if hasattr(engine, "data_efficiency_state_dict") else {}
+    return engine.data_efficiency_state_dict()
 
 
-def snapshot(engine: Any, view: model_view.ModelView, *, client_state: dict, exclude_frozen: bool, copy: bool,
+def snapshot(engine: Engine, view: model_view.ModelView, *, client_state: dict, exclude_frozen: bool, copy: bool,
              rank: int) -> RankSnapshot:
     """Collect this rank's contribution to a checkpoint (``copy``: detach it from live training tensors).
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import secrets
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -29,6 +29,10 @@ from shardwise.checkpoint.errors import (
 from shardwise.checkpoint.files import MANIFEST, CheckpointReader, TensorSpec, read_latest, write_safetensors
 from shardwise.checkpoint.safety import atomic_file
 from shardwise.utils.logging import log_dist, logger
+
+if TYPE_CHECKING:
+    from shardwise.engine.engine import Engine
+
 
 
 def _check_tag(tag: Any) -> str:
@@ -48,7 +52,7 @@ def _check_dir(path: Any, what: str) -> str:
     return path
 
 
-def _agree(engine: Any, save_dir: Any, tag: Any) -> tuple[str, str, str]:
+def _agree(engine: Engine, save_dir: Any, tag: Any) -> tuple[str, str, str]:
     """All ranks: (save_dir, tag to use (rank 0's), fresh save id); applies ``checkpoint.tag_validation``.
 
     The arguments are checked inside the one collective, so a bad argument on any rank raises on every rank
@@ -123,7 +127,7 @@ def _sweep(save_dir: str) -> None:
                     "processes; left in place", result.kept, result.kept_bytes / 2**20, save_dir)
 
 
-def save_checkpoint(engine: Any, save_dir: str, tag: str | None = None, client_state: dict | None = None,
+def save_checkpoint(engine: Engine, save_dir: str, tag: str | None = None, client_state: dict | None = None,
                     save_latest: bool = True, exclude_frozen_parameters: bool = False) -> bool:
     """Save the engine's full training state under ``save_dir/tag`` (every rank must call it). Returns True.
 
@@ -170,7 +174,7 @@ def save_checkpoint(engine: Any, save_dir: str, tag: str | None = None, client_s
     return True
 
 
-def wait_for_checkpoint(engine: Any) -> None:
+def wait_for_checkpoint(engine: Engine) -> None:
     """Block until this engine's asynchronous save is durable (and committed, on rank 0); raise if it failed."""
     async_writer.wait(engine)
 
@@ -184,7 +188,7 @@ def _verify(reader: CheckpointReader) -> None:
         raise CheckpointCorruptError("; ".join(errors))
 
 
-def _open(engine: Any, load_dir: Any, tag: Any, module_only: bool) -> CheckpointReader | None:
+def _open(engine: Engine, load_dir: Any, tag: Any, module_only: bool) -> CheckpointReader | None:
     """All ranks: the checkpoint to load (None: no ``latest`` and no tag). One collective: if any rank cannot open
     it (bad argument, empty ``latest``, damaged manifest), every rank raises the same error."""
     reader, error = None, None
@@ -206,7 +210,7 @@ def _open(engine: Any, load_dir: Any, tag: Any, module_only: bool) -> Checkpoint
     return reader
 
 
-def load_checkpoint(engine: Any, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
+def load_checkpoint(engine: Engine, load_dir: str, tag: str | None = None, load_module_strict: bool = True,
                     load_optimizer_states: bool = True, load_lr_scheduler_states: bool = True,
                     load_module_only: bool = False, custom_load_fn: Any = None) -> tuple[str | None, dict | None]:
     """Load a checkpoint saved by any layout (data-parallel size, ZeRO stage) into this engine.
@@ -252,7 +256,7 @@ def _is_partitioned(mt: model_view.ModelTensor) -> bool:
 
 
 @torch.no_grad()
-def _full_value(engine: Any, mt: model_view.ModelTensor) -> torch.Tensor:
+def _full_value(engine: Engine, mt: model_view.ModelTensor) -> torch.Tensor:
     """The whole tensor in the model's dtype, as a host copy (gathered when this rank holds only part of it)."""
     t = mt.tensor
     if _is_partitioned(mt):  # ZeRO-3: fragments of all ranks are disjoint, so their sum is the tensor
@@ -275,7 +279,7 @@ def _full_value(engine: Any, mt: model_view.ModelTensor) -> torch.Tensor:
     return t.detach().to("cpu", copy=True)
 
 
-def consolidated_16bit_state_dict(engine: Any, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
+def consolidated_16bit_state_dict(engine: Engine, exclude_frozen_parameters: bool = False) -> dict[str, torch.Tensor]:
     """The full model weights in the training dtype, on rank 0 (every other rank gets ``{}``). Every rank must call
     it: ZeRO-3 shards and tensor-parallel pieces are gathered. Tied weights appear under every name."""
     tensors, aliases, _ = model_view.named_tensors(engine)
@@ -293,7 +297,7 @@ def consolidated_16bit_state_dict(engine: Any, exclude_frozen_parameters: bool =
     return state
 
 
-def save_16bit_model(engine: Any, save_dir: str, save_filename: str = "pytorch_model.bin",
+def save_16bit_model(engine: Engine, save_dir: str, save_filename: str = "pytorch_model.bin",
                      exclude_frozen_parameters: bool = False) -> bool:
     """Write the full model weights in the training dtype to ``save_dir/save_filename`` (rank 0). Returns True.
 

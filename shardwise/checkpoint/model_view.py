@@ -15,13 +15,19 @@ triples; everything else here works unchanged. Who writes:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from shardwise import comm
 from shardwise.checkpoint import regions
+
+if TYPE_CHECKING:
+    from shardwise.comm.topology import Topology
+    from shardwise.engine.engine import Engine
+    from shardwise.engine.strategy import ShardingStrategy
+
 
 
 @dataclass
@@ -56,7 +62,7 @@ def run_view(values: torch.Tensor, run: regions.Run) -> torch.Tensor:
     return span.unfold(0, run.row_len, run.stride)
 
 
-def managed_ids(strategy: Any, params: list[torch.Tensor]) -> set[int]:
+def managed_ids(strategy: ShardingStrategy, params: list[torch.Tensor]) -> set[int]:
     """ids of the parameters whose values live in the strategy's fragments (collective over the state group).
 
     A partitioned parameter may have no fragment on this rank, so "has fragments on some rank of the state group"
@@ -84,7 +90,7 @@ def _tp_layers(module: nn.Module) -> dict[int, tuple[int, list[tuple[int, int]],
     return out
 
 
-def _tp_boxes(t: torch.Tensor, topology: Any, layers: dict) -> tuple[tuple[int, ...], list | None, int]:
+def _tp_boxes(t: torch.Tensor, topology: Topology, layers: dict) -> tuple[tuple[int, ...], list | None, int]:
     """(full shape, this rank's boxes or None, split dim) for a possibly tensor-parallel tensor."""
     local = tuple(getattr(t, "ds_shape", None) or t.shape)
     if id(t) in layers:
@@ -108,7 +114,7 @@ def _tp_boxes(t: torch.Tensor, topology: Any, layers: dict) -> tuple[tuple[int, 
 ModelView = tuple[list[ModelTensor], dict[str, str], dict[str, Any]]
 
 
-def named_tensors(engine: Any) -> ModelView:
+def named_tensors(engine: Engine) -> ModelView:
     """The model's tensors (first name of each), tied aliases ``{alias: first name}``, and non-tensor extra state.
 
     Collective over the state group (see :func:`managed_ids`): every rank must call it.
@@ -141,7 +147,7 @@ def named_tensors(engine: Any) -> ModelView:
     return out, aliases, extra
 
 
-def writes_fragments(engine: Any) -> bool:
+def writes_fragments(engine: Engine) -> bool:
     """Whether this rank belongs to the state-group replica that writes managed parameters' pieces."""
     strategy = engine.strategy
     if strategy is None:
@@ -150,11 +156,11 @@ def writes_fragments(engine: Any) -> bool:
     return zero.global_rank(0) in strategy.state_group.ranks
 
 
-def writes_replicated(engine: Any) -> bool:
+def writes_replicated(engine: Engine) -> bool:
     """Whether this rank writes tensors every data-parallel rank holds in full (frozen weights, buffers)."""
     return engine.topology.zero_group.rank == 0
 
 
-def writes_tensor(engine: Any, mt: ModelTensor) -> bool:
+def writes_tensor(engine: Engine, mt: ModelTensor) -> bool:
     """Tensor-parallel rule: split tensors are written by every tensor rank, replicated ones by tensor rank 0."""
     return mt.tp_split or engine.topology.coord("tp") == 0

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -19,6 +19,10 @@ from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointError
 from shardwise.checkpoint.files import WEIGHT_KINDS, CheckpointReader
 from shardwise.utils.logging import logger
 from shardwise.utils.progress import progress
+
+if TYPE_CHECKING:
+    from shardwise.engine.engine import Engine
+
 
 _FULL_KINDS = ("value", "fp32", "model")
 
@@ -44,7 +48,7 @@ def _part(reader: CheckpointReader, what: str) -> Iterator[None]:
             "or edited, or written by an incompatible version. Restore it from a copy, or load an earlier tag") from exc
 
 
-def republish(engine: Any) -> None:
+def republish(engine: Engine) -> None:
     """Make the model's weights current from the fp32 masters after they were written (every stage's way)."""
     if engine.strategy is not None:
         engine.strategy.publish_weights()
@@ -87,7 +91,7 @@ def _read_local(reader: CheckpointReader, src: str, kind: str, mt: model_view.Mo
     return out
 
 
-def _load_managed(engine: Any, reader: CheckpointReader, mt: model_view.ModelTensor, src: str, optim: bool) -> None:
+def _load_managed(engine: Engine, reader: CheckpointReader, mt: model_view.ModelTensor, src: str, optim: bool) -> None:
     kind = reader.kind_of(src, WEIGHT_KINDS)
     saved_optim = [k for k in reader.tensors[src]["pieces"] if k.startswith("optim.")]
     for frag in engine.strategy.fragments(mt.tensor):
@@ -112,7 +116,7 @@ def _load_full(reader: CheckpointReader, mt: model_view.ModelTensor, src: str) -
     mt.tensor.data.copy_(value.view(mt.tensor.shape))
 
 
-def _optimizer_wanted(engine: Any, reader: CheckpointReader, requested: bool) -> bool:
+def _optimizer_wanted(engine: Engine, reader: CheckpointReader, requested: bool) -> bool:
     saved = reader.manifest.get("optimizer")
     if not requested or engine.strategy is None:
         return False
@@ -127,7 +131,7 @@ def _optimizer_wanted(engine: Any, reader: CheckpointReader, requested: bool) ->
 
 
 @torch.no_grad()
-def load_model(engine: Any, reader: CheckpointReader, view: model_view.ModelView, *, strict: bool, optimizer: bool,
+def load_model(engine: Engine, reader: CheckpointReader, view: model_view.ModelView, *, strict: bool, optimizer: bool,
                custom_load_fn: Callable | None = None) -> None:
     """Write weights (and optimizer state when ``optimizer``) of this rank's current layout. Local: no collectives.
 
@@ -162,14 +166,14 @@ def load_model(engine: Any, reader: CheckpointReader, view: model_view.ModelView
 
 
 @torch.no_grad()
-def finish(engine: Any) -> None:
+def finish(engine: Engine) -> None:
     """Every rank, after :func:`load_model` succeeded everywhere: republish weights, drop stale gradients."""
     republish(engine)
     if engine.strategy is not None:
         engine.strategy.zero_grad()  # gradients accumulated before the load belong to other weights
 
 
-def _custom_load(engine: Any, reader: CheckpointReader, tensors: list[model_view.ModelTensor],
+def _custom_load(engine: Engine, reader: CheckpointReader, tensors: list[model_view.ModelTensor],
                  custom_load_fn: Callable) -> None:
     """DeepSpeed's ``custom_load_fn(src=state_dict, dst=module)``; then masters are refreshed from the module."""
     state = {}
@@ -188,7 +192,7 @@ def _custom_load(engine: Any, reader: CheckpointReader, tensors: list[model_view
                 frag.fp32.copy_(frag.model)
 
 
-def _restore_counters(engine: Any, saved: dict) -> None:
+def _restore_counters(engine: Engine, saved: dict) -> None:
     """Step counters; the micro-step count is re-expressed in this run's accumulation window if it changed."""
     for key in ("global_steps", "global_samples", "skipped_steps", "micro_steps"):
         setattr(engine, key, int(saved[key]))
@@ -200,7 +204,7 @@ def _restore_counters(engine: Any, saved: dict) -> None:
         engine.micro_steps = (int(saved["micro_steps"]) // saved_gas) * gas
 
 
-def load_training_state(engine: Any, reader: CheckpointReader, *, scheduler: bool, world_size: int,
+def load_training_state(engine: Engine, reader: CheckpointReader, *, scheduler: bool, world_size: int,
                         rank: int) -> None:
     """Counters, loss scaler, LR scheduler (when ``scheduler``) and this rank's RNG states."""
     m = reader.manifest
@@ -219,7 +223,7 @@ def load_training_state(engine: Any, reader: CheckpointReader, *, scheduler: boo
         with _part(reader, "LR scheduler state"):
             engine.lr_scheduler.load_state_dict(codec.decode(sched.get("state"), fetch))
     data_state = m.get("data_efficiency")
-    if data_state and hasattr(engine, "load_data_efficiency_state_dict"):
+    if data_state:
         with _part(reader, "data efficiency state"):
             engine.load_data_efficiency_state_dict(codec.decode(data_state, fetch))
     saved_world = m["layout"]["world_size"]

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from shardwise.comm import arrivals, direct
 from shardwise.comm.comms_log import COMMS_LOG
 from shardwise.comm.group import Group, as_group
+from shardwise.comm.shards import ceil_div
 
 ReduceOp = dist.ReduceOp
 _POINT_TO_POINT = ("send", "recv")
@@ -104,6 +105,20 @@ def all_reduce(tensor: torch.Tensor, op: Any = ReduceOp.SUM, group: Any = None, 
         return _DONE if async_op else None
     return _run("all_reduce", g, _nbytes(tensor), async_op,
                 lambda: dist.all_reduce(tensor, op=op, group=g.torch_group, async_op=async_op))
+
+
+def all_gather_padded(piece: torch.Tensor, numel: int, group: Any = None) -> torch.Tensor:
+    """The inverse of ``shards.padded_shard``: every rank's piece of a ``numel``-element tensor, concatenated and cut
+    back to ``numel`` (a piece shorter than ``ceil(numel / size)`` is zero-padded first)."""
+    g = as_group(group)
+    per = ceil_div(numel, g.size)
+    if piece.numel() != per:
+        padded = piece.new_zeros(per)
+        padded[: piece.numel()] = piece.reshape(-1)
+        piece = padded
+    full = piece.new_empty(per * g.size)
+    all_gather_into_tensor(full, piece, group=g)
+    return full[:numel]
 
 
 def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Any = None, async_op: bool = False):

@@ -11,6 +11,7 @@ Blocks for features shardwise only recognises (``OPAQUE_BLOCKS``) are kept as pl
 
 from __future__ import annotations
 
+import json
 import math
 from typing import Any, ClassVar, Literal
 
@@ -231,6 +232,15 @@ class ShardwiseConfig(SectionsConfig):
     warnings: tuple[str, ...] = Field(default=(), exclude=True, repr=False)
     """Human-readable warnings produced while loading (also logged to "shardwise.config")."""
 
+    def written(self, key: str) -> bool:
+        """Whether the user's config has the top-level ``key`` (for behaviour that only an explicit section turns
+        on, such as ``activation_checkpointing`` configuring ``shardwise.checkpointing``)."""
+        return key in self.raw
+
+    def as_written(self) -> dict[str, Any]:
+        """A JSON-safe copy of the config as the user wrote it (stored in checkpoints)."""
+        return json.loads(json.dumps(self.raw, default=str))
+
     def to_dict(self) -> dict[str, Any]:
         """Every resolved value as JSON-serialisable data, batch triad first; valid input to load_config."""
         body = self.model_dump(mode="json")
@@ -255,10 +265,3 @@ class ShardwiseConfig(SectionsConfig):
     def keys(self) -> list[str]:
         """The top-level keys of :meth:`to_dict`."""
         return list(self.to_dict())
-
-    def with_dp_world_size(self, dp_world_size: int) -> ShardwiseConfig:
-        """The same user config re-resolved for another data-parallel size (raises ConfigError if it does not
-        divide the batch)."""
-        from .loader import load_config  # the loader imports this module
-
-        return load_config(self.raw, dp_world_size=dp_world_size, log=False)

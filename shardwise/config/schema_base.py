@@ -15,6 +15,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic_core import PydanticCustomError
 
+from .dtypes import short_name
+
 
 def _fail(expected: str, fix: str) -> PydanticCustomError:
     return PydanticCustomError("sw_value", "expected {expected}", {"expected": expected, "fix": fix})
@@ -78,18 +80,11 @@ def _upper(value: Any) -> Any:
     return value.strip().upper() if isinstance(value, str) else value
 
 
-# Spellings DeepSpeed's DtypeEnum accepts for each precision, folded to one canonical short name.
-_DTYPE_SPELLINGS = {
-    "fp32": ("fp32", "float32", "float", "torch.float32", "torch.float"),
-    "fp16": ("fp16", "float16", "half", "torch.float16", "torch.half"),
-    "bf16": ("bf16", "bfloat16", "torch.bfloat16"),
-}
-_DTYPE_LOOKUP = {spelling: name for name, spellings in _DTYPE_SPELLINGS.items() for spelling in spellings}
 
 
 def _to_dtype(value: Any) -> Any:
-    if isinstance(value, str) and value.strip().lower() in _DTYPE_LOOKUP:
-        return _DTYPE_LOOKUP[value.strip().lower()]
+    if isinstance(value, str) and short_name(value) is not None:
+        return short_name(value)
     raise _fail('one of "fp32", "fp16", "bf16"', 'write e.g. "bf16" (float32/float16/bfloat16 also accepted)')
 
 

@@ -2,8 +2,9 @@
 
 Attribute names are the JSON key names users write (``stage3_prefetch_bucket_size``, not DeepSpeed's internal
 ``prefetch_bucket_size``; the short names are accepted as aliases, as DeepSpeed's populate_by_name does).
-``overlap_comm`` is resolved here (None -> True only for stage 3, as DeepSpeed's validator does), so readers
-always see a bool.
+``overlap_comm`` is resolved here, so readers (the engine included) always see the bool that runs: absent or null
+means true at every stage (DeepSpeed's validator turns it on for stage 3 only; shardwise overlaps stages 1-2 too,
+with identical results, see docs/zero.md).
 """
 
 from __future__ import annotations
@@ -130,7 +131,7 @@ class ZeroConfig(Section):
     allgather_bucket_size: NonNegInt = 500_000_000
     """Elements all-gathered per bucket."""
     overlap_comm: Bool = False
-    """Overlap gradient reduction with the backward pass. Absent/null: true for stage 3, false otherwise."""
+    """Overlap gradient reduction with the backward pass. Absent/null: true (every stage; DeepSpeed: stage 3 only)."""
     load_from_fp32_weights: Bool = True
     """Initialise fp32 master weights from the fp32 copies in a checkpoint (not the 16-bit ones)."""
     elastic_checkpoint: Bool = False
@@ -201,11 +202,18 @@ class ZeroConfig(Section):
     @model_validator(mode="before")
     @classmethod
     def _resolve_overlap_comm(cls, data: Any) -> Any:
-        # DeepSpeed: overlap_comm None means "true for stage 3, false otherwise".
+        # DeepSpeed: None means "true for stage 3, false otherwise"; shardwise overlaps at every stage (the
+        # reductions are bucketed and asynchronous at no memory cost, and the results are identical)
         if isinstance(data, dict) and data.get("overlap_comm") is None:
             data = dict(data)
-            data["overlap_comm"] = _stage_of(data) == 3
+            data["overlap_comm"] = True
         return data
+
+    def written_value(self, key: str) -> Any:
+        """``key``'s value if the user wrote it, else None: for the sizes shardwise derives from the model when they
+        are absent (``reduce_bucket_size``, ``stage3_prefetch_bucket_size``, ``stage3_max_live_parameters``,
+        ``stage3_max_reuse_distance``, ``stage3_module_granularity_threshold``; see docs/zero.md)."""
+        return getattr(self, key) if key in self.model_fields_set else None
 
     @property
     def offload_optimizer_device(self) -> str:

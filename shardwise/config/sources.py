@@ -127,7 +127,8 @@ def check_shape(data: dict[str, Any], label: str = "config") -> dict[str, Any]:
     return data
 
 
-def _read_file(path: str) -> dict[str, Any]:
+def read_file(path: str) -> dict[str, Any]:
+    """A JSON (or hjson) config file as a dict, with errors that name the file, line and fix."""
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
@@ -139,7 +140,7 @@ def _read_file(path: str) -> dict[str, Any]:
 
 def _from_string(text: str) -> dict[str, Any]:
     if os.path.isfile(text):
-        return _read_file(text)
+        return read_file(text)
     if text.lstrip().startswith("{"):
         return parse_text(text, "<JSON string>")
     looks_like_path = text.endswith((".json", ".hjson", ".conf")) or os.sep in text or len(text) < 16

@@ -150,7 +150,7 @@ _CURRICULUM = ("DeepSpeed 0.19.8 removed this legacy block (it refuses it); shar
 LEGACY_OFF = Inert(lambda v: v is None or not getattr(v, "enabled", False), "absent, or its \"enabled\" false")
 FEATURES: tuple[Feature, ...] = (
     # --- implemented (planned by the engine owners; flip to NOT_YET if a feature is dropped) ---------------
-    Feature("zero_optimization.stage", S, note="ZeRO stages 0, 1, 2, 3"),  # zero/stage1-3
+    Feature("zero_optimization.stage", S, note="ZeRO stages 0, 1, 2, 3"),  # zero/flat_strategy.py, zero/stage3/
     Feature("fp16", S, note="dynamic or static loss scaling, auto_cast"),  # engine/precision.py
     Feature("bf16", S, note="including check_grad_overflow"),  # engine/precision.py
     Feature("fp16.fp16_master_weights_and_grads", S, note="ZeRO 1-3 with CPU offload (fp32 optimizer states), "
@@ -160,15 +160,15 @@ FEATURES: tuple[Feature, ...] = (
     Feature("bf16.bf16_optimizer_states", S, note="ZeRO 1-3, with bf16_master_weights_and_grads"),  # zero/policy.py
     Feature("torch_autocast", S, note="enabled, dtype, lower_precision_safe_modules (validated; gradients reduced "
             "in their own dtype); every ZeRO stage and the pipeline"),  # engine/autocast.py
-    Feature("zero_optimization.offload_optimizer.device", S, note='"cpu" and "nvme"'),  # zero/offload.py
-    Feature("zero_optimization.offload_param.device", S, note='"cpu" and "nvme" (stage 3)'),  # zero/offload.py
-    Feature("zero_optimization.zero_hpz_partition_size", S, note="ZeRO++ hpZ"),  # zero/stage3.py
-    Feature("zero_optimization.zero_quantized_weights", S, note="ZeRO++ qwZ"),  # zero/stage3.py
-    Feature("zero_optimization.zero_quantized_gradients", S, note="ZeRO++ qgZ"),  # zero/stage2-3
+    Feature("zero_optimization.offload_optimizer.device", S, note='"cpu" and "nvme"'),  # zero/optimizer_offload.py
+    Feature("zero_optimization.offload_param.device", S, note='"cpu" and "nvme" (stage 3)'),  # zero/param_offload.py
+    Feature("zero_optimization.zero_hpz_partition_size", S, note="ZeRO++ hpZ"),  # zero/shard_comm.py
+    Feature("zero_optimization.zero_quantized_weights", S, note="ZeRO++ qwZ"),  # zero/shard_comm.py, zero/quantize.py
+    Feature("zero_optimization.zero_quantized_gradients", S, note="ZeRO++ qgZ"),  # zero/shard_comm.py, zero/quantize.py
     Feature("zero_optimization.stage3_gather_16bit_weights_on_model_save", S),  # save_16bit_model
     Feature("pipeline", S,  # pipe/
             note="PipelineModule; 1F1B and interleaved 1F1B (virtual_stages); pipe/grad_partitioned; ZeRO-0/1 only"),
-    Feature("activation_checkpointing", S),  # activation_checkpointing.py
+    Feature("activation_checkpointing", S),  # activation_checkpointing/
     Feature("comms_logger", S),  # comm/
     Feature("comms_config.timeout", S, note="shardwise's own key"),  # comm/timeouts.py, via initialize()
     Feature("csv_monitor", S, note="DeepSpeed's layout: output_path/job_name/<event>.csv"),  # monitor/
@@ -179,7 +179,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("flops_profiler", S, note="FLOPs from torch.utils.flop_counter; MFU with peak_tflops"),  # profiling/
     Feature("wall_clock_breakdown", S),  # utils/timers.py
     Feature("memory_breakdown", S),  # engine
-    Feature("communication_data_type", S, note='"fp32", "fp16", "bf16"'),  # zero/reducer.py, zero/stage3.py
+    Feature("communication_data_type", S, note='"fp32", "fp16", "bf16"'),  # zero/reducer.py, zero/stage3/reduce.py
     Feature("gradient_clipping", S),  # engine
     Feature("check_grad_overflow", S, note="shardwise's own key: skip inf/nan steps in fp32 and bf16"),  # engine
     Feature("deterministic", S, note="shardwise's own key: torch's deterministic algorithms; identical runs give "
@@ -232,7 +232,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.offload_optimizer.fast_init", H),  # NVMe init speed
     Feature("zero_optimization.offload_optimizer.pipeline_read", H),  # NVMe overlap
     Feature("zero_optimization.offload_optimizer.pipeline_write", H),  # NVMe overlap
-    Feature("aio", H, note="NVMe I/O tuning"),  # zero/offload.py
+    Feature("aio", H, note="NVMe I/O tuning"),  # zero/param_offload.py, zero/optimizer_offload.py
     Feature("prescale_gradients", H, note="same average, different rounding order"),  # comm
     Feature("gradient_predivide_factor", H, note="same average, different rounding order"),  # comm
     Feature("disable_allgather", H),  # collective choice
@@ -249,7 +249,7 @@ FEATURES: tuple[Feature, ...] = (
     Feature("zero_optimization.offload_optimizer.super_offload", W, OFF, "treated as plain CPU offload"),  # perf
     Feature("zero_optimization.elastic_checkpoint", W, OFF, _ELASTIC_CKPT),  # DeepSpeed only warns too
     Feature("dump_state", W, OFF, "no DeepSpeed state dump; the engine logs its setup"),  # debugging aid
-    Feature("curriculum_learning", W, LEGACY_OFF, _CURRICULUM),  # data/legacy; successor: data_efficiency
+    Feature("curriculum_learning", W, LEGACY_OFF, _CURRICULUM),  # data/curriculum.py; successor: data_efficiency
     # --- not supported yet ---------------------------------------------------------------------------------
     Feature("amp.enabled", N, OFF, 'apex AMP; use the "bf16" or "fp16" block instead'),  # apex is not a dep
     Feature("elasticity.enabled", N, OFF, "set the batch keys for your data-parallel size"),  # elastic agent
@@ -296,6 +296,20 @@ FEATURES: tuple[Feature, ...] = (
     Feature("sparse_attention", R, INACTIVE, "Sparse Attention"),  # Triton block-sparse kernels
     Feature("optimizer.type", R, NOT_ONE_BIT, _ONE_BIT),  # OneBitAdam, ZeroOneAdam, OneBitLamb
 )
+
+
+#: ``init_inference`` keys shardwise refuses when active (the inference config's part of this table): (key, whether
+#: the validated inference config uses it, the fix). Checked by ``inference/config.py``'s loader.
+INFERENCE_FEATURES_REFUSED: tuple[tuple[str, Callable[[Any], bool], str], ...] = (
+    ("use_triton", lambda c: c.use_triton, "Triton inference kernels are not implemented; remove use_triton"),
+    ("quant", lambda c: bool(c.quant.get("enabled", False)) if c.quant else False,
+     "MoQ quantization is not implemented; remove quant or set enabled false"),
+    ("zero", lambda c: int(c.zero.get("stage", 0) or 0) > 0 if c.zero else False,
+     "ZeRO-Inference is not implemented; split the model with tensor_parallel.tp_size instead"),
+    ("save_mp_checkpoint_path", lambda c: bool(c.save_mp_checkpoint_path),
+     "saving a re-sharded checkpoint is not implemented; shardwise reads the full checkpoint per rank directly"),
+)
+
 
 _MISSING = object()
 

@@ -22,17 +22,21 @@ from __future__ import annotations
 import contextlib
 import importlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from shardwise.config.errors import ConfigError
 
+if TYPE_CHECKING:
+    from shardwise.config import ShardwiseConfig
+
+
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 DEFAULT_SAFE_MODULES = ("torch.nn.Linear", "torch.nn.Conv1d", "torch.nn.Conv2d", "torch.nn.Conv3d")
 
 
-def autocast_dtype(config: Any, device_type: str) -> torch.dtype | None:
+def autocast_dtype(config: ShardwiseConfig, device_type: str) -> torch.dtype | None:
     """The autocast dtype, or None when ``torch_autocast`` is off."""
     block = config.torch_autocast
     if not block.enabled:
@@ -42,7 +46,7 @@ def autocast_dtype(config: Any, device_type: str) -> torch.dtype | None:
     return _DTYPES[block.dtype]
 
 
-def safe_module_classes(config: Any) -> tuple[type, ...]:
+def safe_module_classes(config: ShardwiseConfig) -> tuple[type, ...]:
     """The classes named by ``torch_autocast.lower_precision_safe_modules`` (DeepSpeed's default when null)."""
     names = config.torch_autocast.lower_precision_safe_modules
     out = []
@@ -63,7 +67,7 @@ def safe_module_classes(config: Any) -> tuple[type, ...]:
 class Autocast:
     """The engine's autocast context (a no-op when ``torch_autocast`` is off)."""
 
-    def __init__(self, config: Any, device_type: str) -> None:
+    def __init__(self, config: ShardwiseConfig, device_type: str) -> None:
         self.device_type = device_type
         self.dtype = autocast_dtype(config, device_type)
         if self.dtype is not None:
@@ -88,6 +92,6 @@ class Autocast:
         with torch.autocast(device_type=self.device_type, dtype=self.dtype):
             yield
 
-    def needs_loss_scale(self, config: Any) -> bool:
+    def needs_loss_scale(self, config: ShardwiseConfig) -> bool:
         """fp16 autocast without an ``fp16`` block: the engine adds a GradScaler-like dynamic loss scale."""
         return self.dtype == torch.float16 and not config.fp16.enabled

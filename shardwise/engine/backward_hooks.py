@@ -75,6 +75,8 @@ class BackwardHooks:
         """Route the outputs that require grad through one ``_BackwardEntry`` (nested structures kept)."""
         if self.engine.strategy is None or not torch.is_grad_enabled():
             return output
+        # a forward runs between backward passes: a pass whose epilogue never ran (backward raised) is over
+        self.hooked_pass = False
         leaves, spec = pytree.tree_flatten(output)
         positions = [i for i, x in enumerate(leaves)
                      if torch.is_tensor(x) and x.requires_grad and x.is_floating_point()]

@@ -1,13 +1,12 @@
 """``build_engine``: apply precision, parallelism and the optimizer to a model, in one fixed, commented order.
 
 Order (each step assumes the previous ones):
-1. cast the model to its training dtype and move it to this rank's device;
+1. determinism switches; cast the model to its training dtype and move it to this rank's device;
 2. build the basic optimizer (client object, client callable, or the config's ``optimizer`` section);
-3. choose the ZeRO policy and wrap: flatten parameters, partition master weights/state, register gradient hooks;
-4. make every data-parallel replica start from rank 0's weights (one broadcast per flat buffer);
-5. LR schedule (client object, client callable on the basic optimizer, or the config's ``scheduler``);
-6. the training data loader.
-Tensor/pipeline splitting and ZeRO-3 slot in before (3) as they land; see ARCHITECTURE.md lesson 5.
+3. ``apply_parallelism``: the one place the parallel layouts are applied, in the order its docstring gives
+   (tensor plan -> pipeline split -> activation checkpointing -> ZeRO -> offload, then one starting point);
+4. LR schedule (client object, client callable on the basic optimizer, or the config's ``scheduler``);
+5. the training data loader; then the ``Engine`` (or the pipeline engine) around all of it.
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
-from shardwise.config import ConfigError
+from shardwise.config import ConfigError, ShardwiseConfig, ZeroConfig
 from shardwise.config.errors import show
 from shardwise.engine.dataloader import build_training_loader
 from shardwise.engine.determinism import enable_deterministic
@@ -30,6 +29,7 @@ from shardwise.engine.engine import Engine, _log_build
 from shardwise.engine.lr_schedules import build_scheduler
 from shardwise.engine.optimizers import build_optimizer, is_zero_supported_optimizer
 from shardwise.engine.precision import make_scaler, model_dtype
+from shardwise.engine.strategy import ShardingStrategy
 from shardwise.zero.flat_strategy import FlatStrategy
 from shardwise.zero.policy import default_bucket_numel, make_policy
 from shardwise.zero.shard_comm import HierarchicalShardComm, ShardComm
@@ -40,7 +40,7 @@ class EngineBuildError(ValueError):
     """The model, optimizer and config cannot be combined; the message says how to fix it."""
 
 
-def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimizer: Any = None,
+def build_engine(*, module: nn.Module, config: ShardwiseConfig, topology: Topology, optimizer: Any = None,
                  model_parameters: Iterable | None = None, lr_scheduler: Any = None, training_data: Any = None,
                  collate_fn: Callable | None = None, engine_cls: type[Engine] = Engine,
                  default_grad_accum_dtype: str | None = None) -> Engine:
@@ -52,25 +52,48 @@ def build_engine(*, module: nn.Module, config: Any, topology: Topology, optimize
     enable_deterministic(config)  # "deterministic": true (engine/determinism.py)
     _cast_and_place(module, model_dtype(config))
     basic = _build_basic_optimizer(module, config, optimizer, model_parameters)
-    strategy = _build_strategy(module, config, topology, basic, default_grad_accum_dtype) if basic is not None else None
-    if strategy is not None and hasattr(basic, "bind_partitions"):  # Muon: where its matrices' pieces lie
-        basic.bind_partitions(strategy)
-    _broadcast_from_first_replica(module, strategy, topology)
+    strategy = apply_parallelism(module, config, topology, basic, default_grad_accum_dtype)
     scheduler = _build_scheduler(config, lr_scheduler, basic)
     loader = None
     if training_data is not None:
         loader = build_training_loader(training_data, config, topology.size("dp"), topology.coord("dp"), collate_fn)
-    _configure_activation_checkpointing(config, topology)
     engine = engine_cls(module=module, config=config, topology=topology, strategy=strategy, scaler=make_scaler(config),
                     lr_scheduler=scheduler, training_dataloader=loader)
     _log_build(engine)
     return engine
 
 
-def _configure_activation_checkpointing(config: Any, topology: Topology) -> None:
+def apply_parallelism(module: nn.Module, config: ShardwiseConfig, topology: Topology,
+                      basic: torch.optim.Optimizer | None, default_grad_accum_dtype: str | None = None
+                      ) -> ShardingStrategy | None:
+    """Apply every parallel layout to ``module`` (already cast and placed), in this order; returns the strategy.
+
+    1. Tensor-parallel plan: done before the engine exists, so every later step sees only this rank's pieces:
+       AutoTP training (``tensor_parallel.autotp_size``) splits a Hugging Face model in ``api.initialize``
+       (``tp/autotp.py``), and Megatron-style models are built from ``tp/`` layers with a topology.
+    2. Pipeline split: also done before, by constructing a ``PipelineModule`` (``pipe/module.py``), which holds
+       only this stage's layers; the pipeline engine (``pipe/engine.py``) is built through this same path.
+    3. Activation checkpointing: a config ``activation_checkpointing`` section configures ``shardwise.checkpointing``
+       for this topology (partitions over the tensor group), unless the script configured it itself.
+    4. ZeRO: the sharding strategy takes the model's trainable parameters and the optimizer: flat buffers (stages
+       0-2) or units with shards (stage 3), fp32 masters, gradient hooks (``engine/strategy.py``).
+    5. Offload: part of the ZeRO policy; the strategy puts optimizer states (and, at stage 3, parameter shards) on
+       the host or NVMe as it allocates them.
+    Last, every data-parallel replica starts from the weights of its ZeRO group's first rank, and an optimizer that
+    needs to know where its matrices' pieces lie (Muon) is told.
+    """
+    _configure_activation_checkpointing(config, topology)
+    strategy = _build_strategy(module, config, topology, basic, default_grad_accum_dtype) if basic is not None else None
+    if strategy is not None and hasattr(basic, "bind_partitions"):  # Muon: where its matrices' pieces lie
+        basic.bind_partitions(strategy)
+    _broadcast_from_first_replica(module, strategy, topology)
+    return strategy
+
+
+def _configure_activation_checkpointing(config: ShardwiseConfig, topology: Topology) -> None:
     """An ``activation_checkpointing`` section applies to ``shardwise.checkpointing`` unless the script already
     called ``checkpointing.configure`` itself (DeepSpeed scripts usually do, with their mpu)."""
-    if "activation_checkpointing" not in config.raw:
+    if not config.written("activation_checkpointing"):
         return
     from shardwise import activation_checkpointing as ac
     from shardwise.tp.mpu import ModelParallelUnit
@@ -86,7 +109,8 @@ def _cast_and_place(module: nn.Module, dtype: torch.dtype) -> None:
     module.to(device=device)
 
 
-def _build_basic_optimizer(module: nn.Module, config: Any, optimizer: Any, model_parameters: Iterable | None):
+def _build_basic_optimizer(module: nn.Module, config: ShardwiseConfig, optimizer: Any,
+                           model_parameters: Iterable | None) -> torch.optim.Optimizer | None:
     params = list(model_parameters) if model_parameters is not None else list(module.parameters())
     offload = config.zero_optimization.offload_optimizer_device != "none"
     if optimizer is not None and config.optimizer is not None:
@@ -130,14 +154,13 @@ def _is_cpu_adam(opt: torch.optim.Optimizer) -> bool:
     return isinstance(opt, CPUAdam)
 
 
-def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: torch.optim.Optimizer,
-                    default_accum: str | None = None):
+def _build_strategy(module: nn.Module, config: ShardwiseConfig, topology: Topology, basic: torch.optim.Optimizer,
+                    default_accum: str | None = None) -> ShardingStrategy:
     zc = config.zero_optimization
     # the parameters' actual dtype (the config's, or float64 for a double-precision model)
     dtype = next((p.dtype for p in module.parameters() if p.requires_grad), model_dtype(config))
     trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    explicit = zc.model_fields_set  # keys the user wrote (``"zero_optimization": null`` or absent: none)
-    bucket = default_bucket_numel(trainable, zc.reduce_bucket_size if "reduce_bucket_size" in explicit else None)
+    bucket = default_bucket_numel(trainable, zc.written_value("reduce_bucket_size"))
     accum = config.data_types.grad_accum_dtype or (default_accum if config.bf16.enabled else None)
     # the BF16 optimizer (ZeRO-1 with fp32 gradient accumulation) serves bf16 at stage 0 or 1 when fp32
     # accumulation is asked for; plain bf16 at stage 0 is DeepSpeed 0.19's data parallelism (bf16 gradients
@@ -146,9 +169,8 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
     if lp_master:
         accum = None
     bf16_optimizer = config.bf16.enabled and zc.stage in (0, 1) and accum == "fp32"
-    overlap = zc.overlap_comm if "overlap_comm" in explicit else True
     policy = make_policy(
-        zc.stage, dtype, grad_accum_dtype=accum, bf16_optimizer=bf16_optimizer, overlap_comm=overlap,
+        zc.stage, dtype, grad_accum_dtype=accum, bf16_optimizer=bf16_optimizer, overlap_comm=zc.overlap_comm,
         reduce_scatter=zc.reduce_scatter, bucket_numel=bucket,
         offload_optimizer=zc.offload_optimizer_device != "none",
         pin_memory=bool(zc.offload_optimizer and zc.offload_optimizer.pin_memory),
@@ -162,18 +184,18 @@ def _build_strategy(module: nn.Module, config: Any, topology: Topology, basic: t
             "'cpu' with stages 1-2, or set zero_optimization.stage to 3"
         )
     if zc.stage == 3:
-        return Stage3Strategy(module, basic, policy, topology.zero_group, _shard_comm(zc, topology), zc, explicit)
+        return Stage3Strategy(module, basic, policy, topology.zero_group, _shard_comm(zc, topology), zc)
     return FlatStrategy(module, basic, policy, topology.zero_group)
 
 
-def low_precision_master(config: Any) -> bool:
+def low_precision_master(config: ShardwiseConfig) -> bool:
     """Whether the master weights and gradients stay 16-bit (``bf16.bf16_master_weights_and_grads`` or
     ``fp16.fp16_master_weights_and_grads`` with their block enabled)."""
     return bool((config.bf16.enabled and config.bf16.bf16_master_weights_and_grads)
                 or (config.fp16.enabled and config.fp16.fp16_master_weights_and_grads))
 
 
-def _set_optimizer_state_dtype(basic: torch.optim.Optimizer, config: Any) -> None:
+def _set_optimizer_state_dtype(basic: torch.optim.Optimizer, config: ShardwiseConfig) -> None:
     """16-bit masters: optimizer states in the masters' dtype with ``bf16.bf16_optimizer_states``, else fp32.
 
     torch's optimizers create their states like the (16-bit) master; shardwise's CPU and fused Adam choose with
@@ -191,7 +213,7 @@ def _set_optimizer_state_dtype(basic: torch.optim.Optimizer, config: Any) -> Non
             + (", or also set bf16.bf16_optimizer_states = true" if config.bf16.enabled else ""))
 
 
-def _shard_comm(zc: Any, topology: Topology) -> Any:
+def _shard_comm(zc: ZeroConfig, topology: Topology) -> ShardComm:
     """Flat or hierarchical (hpZ) ZeRO-3 collectives, optionally quantized (qwZ / qgZ)."""
     group = topology.zero_group
     hpz = int(zc.zero_hpz_partition_size or 1)
@@ -210,23 +232,14 @@ def _shard_comm(zc: Any, topology: Topology) -> Any:
 
 
 @torch.no_grad()
-def _broadcast_from_first_replica(module: nn.Module, strategy: Any, topology: Topology) -> None:
+def _broadcast_from_first_replica(module: nn.Module, strategy: ShardingStrategy | None, topology: Topology
+                                  ) -> None:
     """Every replica starts from the weights of the first rank of its ZeRO group."""
     group = topology.zero_group
     if group.size == 1:
         return
     src = group.global_rank(0)
-    flat_ids = set()
-    if strategy is not None and hasattr(strategy, "units"):  # ZeRO-3 broadcast while partitioning
-        flat_ids.update(id(p) for u in strategy.units for p in u.params)
-    elif strategy is not None:
-        for g in strategy.optimizer.live_groups:
-            comm.broadcast(g.flat, src=src, group=group)
-            flat_ids.update(id(p) for p in g.params)
-        for g in strategy.optimizer.live_groups:  # master copies were taken before the broadcast
-            if g.master is not None:
-                source = g.param_shard_of_flat() if strategy.policy.partitioned else g.flat
-                g.master.copy_(source.to(g.master.device, torch.float32))
+    flat_ids = strategy.sync_initial_weights(src) if strategy is not None else set()
     for p in module.parameters():
         if id(p) not in flat_ids:
             comm.broadcast(p.data, src=src, group=group)
@@ -234,7 +247,7 @@ def _broadcast_from_first_replica(module: nn.Module, strategy: Any, topology: To
         comm.broadcast(b, src=src, group=group)
 
 
-def _build_scheduler(config: Any, lr_scheduler: Any, basic: torch.optim.Optimizer | None):
+def _build_scheduler(config: ShardwiseConfig, lr_scheduler: Any, basic: torch.optim.Optimizer | None):
     if lr_scheduler is not None and config.scheduler is not None:
         raise EngineBuildError(
             f"an lr_scheduler was passed to initialize() and the config also has a `scheduler` section "

@@ -8,12 +8,16 @@ samples, since they cooperate on the same micro-batch. With curriculum learning 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, IterableDataset
 
 from shardwise.accelerator import get_accelerator
 from shardwise.utils.repeating_loader import RepeatingLoader  # noqa: F401  (re-exported)
+
+if TYPE_CHECKING:
+    from shardwise.config import ShardwiseConfig
+
 
 
 def build_dataloader(dataset: Dataset, micro_batch_size: int, dp_size: int, dp_rank: int,
@@ -30,7 +34,7 @@ def build_dataloader(dataset: Dataset, micro_batch_size: int, dp_size: int, dp_r
                       pin_memory=get_accelerator().device_name() != "cpu")
 
 
-def build_training_loader(dataset: Dataset, config: Any, dp_size: int, dp_rank: int,
+def build_training_loader(dataset: Dataset, config: ShardwiseConfig, dp_size: int, dp_rank: int,
                           collate_fn: Callable | None = None) -> Any:
     """The engine's training loader: the curriculum loader when curriculum learning is on, else ``build_dataloader``."""
     sampling = config.data_efficiency.data_sampling

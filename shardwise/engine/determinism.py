@@ -36,14 +36,18 @@ What stays the user's: seeds (``torch.manual_seed``, data order), the same numbe
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from shardwise.config import ShardwiseConfig
+
 
 CUBLAS_WORKSPACE = ":4096:8"
 
 
-def enable_deterministic(config: Any) -> bool:
+def enable_deterministic(config: ShardwiseConfig) -> bool:
     """Switch torch to deterministic algorithms when ``config.deterministic`` is on; returns whether it did."""
     if not getattr(config, "deterministic", False):
         return False

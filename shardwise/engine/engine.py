@@ -3,7 +3,8 @@
 The engine counts micro-steps, scales the loss (gradient accumulation, fp16 loss scale), decides the accumulation
 boundary, computes the global gradient norm once, clips, skips overflowed steps, steps the LR schedule and prints
 the step log. Where gradients live and how they are reduced belongs to the sharding strategy it was built with
-(``zero/flat_strategy.py`` for stages 0-2). DeepSpeed's ``DeepSpeedEngine`` method names are kept.
+(an ``engine/strategy.py`` ``ShardingStrategy``: ``zero/flat_strategy.py`` for stages 0-2, ``zero/stage3/`` for
+stage 3). DeepSpeed's ``DeepSpeedEngine`` method names are kept.
 """
 
 from __future__ import annotations
@@ -20,14 +21,16 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
+from shardwise.config import ShardwiseConfig
 from shardwise.data.engine_api import DataEfficiencyMixin
 from shardwise.engine import model_parallel
 from shardwise.engine.autocast import Autocast
 from shardwise.engine.backward_hooks import BackwardHooks
 from shardwise.engine.deepspeed_surface import DeepSpeedSurfaceMixin
 from shardwise.engine.guards import NonFiniteMonitor, check_unused_parameters
-from shardwise.engine.precision import cast_inputs_half
+from shardwise.engine.precision import DynamicLossScaler, NoScaler, cast_inputs_half
 from shardwise.engine.step_log import StepLog
+from shardwise.engine.strategy import ShardingStrategy
 from shardwise.monitor.training import TrainingObserver
 from shardwise.utils.logging import log_dist, logger
 from shardwise.utils.timers import Timers
@@ -42,8 +45,9 @@ class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
     """A model wrapped for distributed training (``deepspeed.DeepSpeedEngine``); curriculum learning and random-LTD
     methods come from ``shardwise.data.engine_api``."""
 
-    def __init__(self, *, module: nn.Module, config: Any, topology: Topology, strategy: Any, scaler: Any,
-                 lr_scheduler: Any = None, training_dataloader: Any = None) -> None:
+    def __init__(self, *, module: nn.Module, config: ShardwiseConfig, topology: Topology,
+                 strategy: ShardingStrategy | None, scaler: DynamicLossScaler | NoScaler, lr_scheduler: Any = None,
+                 training_dataloader: Any = None) -> None:
         super().__init__()
         self.module = module
         self._config = config
@@ -73,7 +77,7 @@ class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
 
     # -- DeepSpeed's accessors ------------------------------------------------------------------------------------
     @property
-    def config(self) -> Any:
+    def config(self) -> ShardwiseConfig:
         """The resolved configuration (typed sections named as in ds_config.json)."""
         return self._config
 
@@ -250,7 +254,7 @@ class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
             inputs = cast_inputs_half(inputs)  # positional inputs only, as DeepSpeed
         kwargs = self._data_efficiency_kwargs(kwargs)  # legacy curriculum_seqlen, random-LTD schedule step
         with self.timers("forward"), self._autocast():
-            if self.strategy is None or not hasattr(self.strategy, "forward_context"):
+            if self.strategy is None:
                 output = self.module(*inputs, **kwargs)
             else:
                 self.strategy.before_forward()
@@ -345,7 +349,7 @@ class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
     def _grad_scale_factor(self) -> float:
         """Multiplier turning summed, loss-scaled gradients into averaged, unscaled ones."""
         factor = 1.0 / self.scaler.scale
-        if getattr(self._config, "gradient_allreduce_op", "mean") != "sum":
+        if self._config.gradient_allreduce_op != "sum":
             ranks = self.topology.zero_group.size  # summed over data x sequence ranks
             if not self.sequence_parallel_grads_averaged:
                 ranks //= self.topology.size("sp")  # [Note: sequence-parallel gradient reduction]
@@ -414,7 +418,7 @@ class Engine(DataEfficiencyMixin, DeepSpeedSurfaceMixin, nn.Module):
 
         wait_for_checkpoint(self)
         self._observer.close()
-        if self.strategy is not None and hasattr(self.strategy, "remove_hooks"):
+        if self.strategy is not None:
             self.strategy.remove_hooks()
 
     def __repr__(self) -> str:

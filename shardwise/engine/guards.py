@@ -15,7 +15,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -23,13 +23,18 @@ from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.utils.logging import logger
 
+if TYPE_CHECKING:
+    from shardwise.config import ShardwiseConfig
+    from shardwise.engine.engine import Engine
+
+
 
 class UnusedParametersError(RuntimeError, AssertionError):
     """Trainable parameters got no gradient while ``ignore_unused_parameters`` is false (an AssertionError too, as
     DeepSpeed raises)."""
 
 
-def skips_nonfinite(config: Any) -> bool:
+def skips_nonfinite(config: ShardwiseConfig) -> bool:
     """Whether a step whose global gradient norm is inf/nan is skipped (see the module docstring)."""
     if config.fp16.enabled:
         return True
@@ -39,7 +44,7 @@ def skips_nonfinite(config: Any) -> bool:
     return bool(flag)
 
 
-def _advice(config: Any) -> str:
+def _advice(config: ShardwiseConfig) -> str:
     if skips_nonfinite(config):
         return "the optimizer step is skipped (no update; optimizer state and LR schedule unchanged)"
     key = "bf16.check_grad_overflow" if config.bf16.enabled else '"check_grad_overflow": true'
@@ -50,7 +55,7 @@ def _advice(config: Any) -> str:
 class NonFiniteMonitor:
     """Remembers whether the loss or the norm has been non-finite before, so only the first time is loud."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: ShardwiseConfig) -> None:
         self.config = config
         self.losses = 0  # micro-batches with a non-finite loss
         self.steps = 0  # optimizer steps with a non-finite global gradient norm
@@ -75,14 +80,13 @@ class NonFiniteMonitor:
         return skips_nonfinite(self.config)
 
 
-def check_unused_parameters(engine: Any) -> None:
+def check_unused_parameters(engine: Engine) -> None:
     """At an optimizer step of ZeRO-1/2 with optimizer offload and ``ignore_unused_parameters: false``: raise
     UnusedParametersError on every rank if any rank has a trainable parameter that got no gradient."""
     zc = engine.config.zero_optimization
     if zc.ignore_unused_parameters or zc.stage not in (1, 2) or zc.offload_optimizer_device == "none":
         return
-    finder = getattr(engine.strategy, "unused_parameters", None)
-    unused = finder() if finder is not None else []
+    unused = engine.strategy.unused_parameters() if engine.strategy is not None else []
     count = torch.tensor([len(unused)], dtype=torch.int64, device=get_accelerator().device())
     comm.all_reduce(count, op=comm.ReduceOp.MAX)
     if int(count.item()) == 0:

@@ -10,15 +10,20 @@
 from __future__ import annotations
 
 import weakref
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from shardwise import comm
 
+if TYPE_CHECKING:
+    from shardwise.comm.topology import Topology
+    from shardwise.engine.strategy import ShardingStrategy
 
-def _owned_grads(strategy: Any, params: list[nn.Parameter]) -> list[torch.Tensor]:
+
+
+def _owned_grads(strategy: ShardingStrategy, params: list[nn.Parameter]) -> list[torch.Tensor]:
     out = []
     for p in params:
         for frag in strategy.fragments(p):
@@ -30,7 +35,7 @@ def _owned_grads(strategy: Any, params: list[nn.Parameter]) -> list[torch.Tensor
 _layout_checked: weakref.WeakSet = weakref.WeakSet()
 
 
-def _check_same_fragments(strategy: Any, params: list[nn.Parameter], tp: Any) -> None:
+def _check_same_fragments(strategy: ShardingStrategy, params: list[nn.Parameter], tp: Any) -> None:
     """Once per strategy: the flat all-reduce below pairs element i of every tensor rank's fragment list, which is
     only right if every tensor rank owns the same ranges of the same sequence-parallel weights. That holds when the
     tensor-parallel shards have equal shapes on all ranks (even splits); uneven splits shift ZeRO's flat layout."""
@@ -48,7 +53,7 @@ def _check_same_fragments(strategy: Any, params: list[nn.Parameter], tp: Any) ->
     _layout_checked.add(strategy)
 
 
-def sync_sequence_parallel_grads(strategy: Any, module: nn.Module, topology: Any) -> None:
+def sync_sequence_parallel_grads(strategy: ShardingStrategy, module: nn.Module, topology: Topology) -> None:
     """Sum the gradients of ``sequence_parallel`` weights over the tensor-parallel group (one all-reduce)."""
     tp = topology.tp_group
     if tp.size == 1:
@@ -72,7 +77,7 @@ def replicated_params(module: nn.Module) -> list[nn.Parameter]:
     return [p for p in module.parameters() if p.requires_grad and not getattr(p, "tensor_model_parallel", False)]
 
 
-def grad_norm_sq(strategy: Any, params: list[nn.Parameter]) -> torch.Tensor:
+def grad_norm_sq(strategy: ShardingStrategy, params: list[nn.Parameter]) -> torch.Tensor:
     """Squared norm (float64) of this rank's gradient pieces of ``params``."""
     grads = _owned_grads(strategy, params)
     if not grads:

@@ -14,12 +14,16 @@ BF16 uses no scaling (scale 1), as DeepSpeed.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
+if TYPE_CHECKING:
+    from shardwise.config import ShardwiseConfig
 
-def model_dtype(config: Any) -> torch.dtype:
+
+
+def model_dtype(config: ShardwiseConfig) -> torch.dtype:
     """The dtype the model's weights are cast to: bf16, fp16, or fp32."""
     if config.bf16.enabled:
         return torch.bfloat16
@@ -137,7 +141,7 @@ def cast_inputs_half(inputs: Any) -> Any:
     return inputs
 
 
-def make_scaler(config: Any) -> DynamicLossScaler | NoScaler:
+def make_scaler(config: ShardwiseConfig) -> DynamicLossScaler | NoScaler:
     """The loss scaler for this config."""
     if config.fp16.enabled:
         return DynamicLossScaler.from_config(config.fp16)

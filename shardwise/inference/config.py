@@ -14,38 +14,38 @@ explanation when they are turned on.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from shardwise.config import dtypes
 from shardwise.config.errors import KIND_CONFLICT, KIND_SOURCE, KIND_UNSUPPORTED, ConfigError, problems_from_validation
+from shardwise.config.schema_base import Section
+from shardwise.config.sources import read_file
+from shardwise.config.support import INFERENCE_FEATURES_REFUSED
 
-_DTYPES = {
-    torch.float16: ("fp16", "float16", "half", "torch.float16", "torch.half"),
-    torch.float32: ("fp32", "float32", "float", "torch.float32", "torch.float"),
-    torch.bfloat16: ("bf16", "bfloat16", "bfloat", "torch.bfloat16"),
-}
-_DTYPE_LOOKUP = {s: d for d, spellings in _DTYPES.items() for s in spellings}
+_DTYPES = (torch.float16, torch.float32, torch.bfloat16)
 
 
 def parse_dtype(value: Any) -> torch.dtype:
     """``torch.float16`` / ``"fp16"`` / ``"bfloat16"`` / ... -> a torch dtype (DeepSpeed's spellings)."""
     if isinstance(value, torch.dtype) and value in _DTYPES:
         return value
-    if isinstance(value, str) and value.strip().lower() in _DTYPE_LOOKUP:
-        return _DTYPE_LOOKUP[value.strip().lower()]
+    if isinstance(value, str) and dtypes.short_name(value, inference=True) is not None:
+        return dtypes.torch_dtype(dtypes.short_name(value, inference=True))
     if value in (torch.int8, "int8", "torch.int8"):
         raise ValueError("int8 inference (DeepSpeed's MoQ quantization kernels) is not implemented in shardwise; "
                          "use dtype=torch.bfloat16 or torch.float16")
     raise ValueError(f"dtype {value!r} is not one of fp32/fp16/bf16 (torch dtypes or strings such as 'bf16')")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, arbitrary_types_allowed=True,
-                              use_attribute_docstrings=True, validate_assignment=False)
+class _Model(Section):
+    """ds_config's block base (typed, unknown keys rejected), unfrozen: validation fills ``tensor_parallel`` in."""
+
+    model_config = ConfigDict(frozen=False, populate_by_name=True, arbitrary_types_allowed=True,
+                              validate_assignment=False)
 
 
 class DeepSpeedTPConfig(_Model):
@@ -177,17 +177,6 @@ class DeepSpeedInferenceConfig(_Model):
         return str(value) if value else None
 
 
-_UNSUPPORTED = (
-    ("use_triton", lambda c: c.use_triton, "Triton inference kernels are not implemented; remove use_triton"),
-    ("quant", lambda c: bool(c.quant.get("enabled", False)) if c.quant else False,
-     "MoQ quantization is not implemented; remove quant or set enabled false"),
-    ("zero", lambda c: int(c.zero.get("stage", 0) or 0) > 0 if c.zero else False,
-     "ZeRO-Inference is not implemented; split the model with tensor_parallel.tp_size instead"),
-    ("save_mp_checkpoint_path", lambda c: bool(c.save_mp_checkpoint_path),
-     "saving a re-sharded checkpoint is not implemented; shardwise reads the full checkpoint per rank directly"),
-)
-
-
 def load_inference_config(config: str | dict | DeepSpeedInferenceConfig | None = None,
                           kwargs: dict[str, Any] | None = None) -> DeepSpeedInferenceConfig:
     """Merge ``config`` (dict, JSON path or config object) with ``kwargs`` (which win) and validate."""
@@ -198,11 +187,7 @@ def load_inference_config(config: str | dict | DeepSpeedInferenceConfig | None =
     elif config is None:
         base = {}
     elif isinstance(config, (str, Path)):
-        try:
-            base = json.loads(Path(config).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise ConfigError(f"inference config {str(config)!r} cannot be read as JSON ({exc}); pass a dict or a "
-                              "path to a JSON file", kind=KIND_SOURCE) from None
+        base = read_file(str(config))  # ds_config's reader: JSON or hjson, errors naming the line and the fix
     elif isinstance(config, dict):
         base = dict(config)
     else:
@@ -219,7 +204,7 @@ def load_inference_config(config: str | dict | DeepSpeedInferenceConfig | None =
     except ValidationError as exc:
         problems = problems_from_validation(exc)
         raise ConfigError.from_problems(problems) from None
-    for key, active, why in _UNSUPPORTED:
+    for key, active, why in INFERENCE_FEATURES_REFUSED:
         if active(cfg):
             raise ConfigError(f"{key}: {why}", path=key, kind=KIND_UNSUPPORTED)
     return cfg

@@ -18,7 +18,7 @@ any degree starts from exactly the weights of the plain one (and ``load_full_sta
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +33,9 @@ from shardwise.tp.layers import ColumnParallelLinear, GroupRef, RowParallelLinea
 from shardwise.tp.partition import DimSplit
 from shardwise.tp.random import fork_if
 from shardwise.tp.state import full_state_dict, load_full_state_dict
+
+if TYPE_CHECKING:
+    from shardwise.comm.topology import Topology
 
 
 @dataclass(frozen=True)
@@ -206,7 +209,7 @@ class Llama(nn.Module):
     """The decoder. ``forward(tokens, targets=None)`` returns logits (this rank's vocabulary slice when tensor
     parallel) or, with ``targets``, the mean next-token cross-entropy over this rank's tokens."""
 
-    def __init__(self, cfg: LlamaConfig, topology: Any = None) -> None:
+    def __init__(self, cfg: LlamaConfig, topology: Topology | None = None) -> None:
         super().__init__()
         from shardwise.tp.mappings import resolve_group, solo_group
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from shardwise.monitor.monitor import Event, Monitor
+from shardwise.monitor.base import Event, Monitor
 from shardwise.monitor.utils import require
 
 

@@ -8,30 +8,20 @@ each backend imports its package only when it is enabled.
 
 from __future__ import annotations
 
-import abc
 from collections.abc import Sequence
 from typing import Any
 
 from shardwise import comm
+from shardwise.monitor.base import Event, Monitor
+from shardwise.monitor.comet import CometMonitor
+from shardwise.monitor.csv_monitor import csvMonitor
+from shardwise.monitor.tensorboard import TensorBoardMonitor
+from shardwise.monitor.trackio import TrackioMonitor
+from shardwise.monitor.wandb import WandbMonitor
 
-Event = tuple[str, Any, int]
+__all__ = ["BACKEND_BLOCKS", "Event", "Monitor", "MonitorMaster"]
 
 BACKEND_BLOCKS = ("tensorboard", "wandb", "csv_monitor", "comet", "trackio")
-
-
-class Monitor(abc.ABC):
-    """One backend: writes events, and releases its files or run on ``close()``."""
-
-    def __init__(self, monitor_config: Any) -> None:
-        self.monitor_config = monitor_config
-        self.enabled = bool(getattr(monitor_config, "enabled", False))
-
-    @abc.abstractmethod
-    def write_events(self, event_list: Sequence[Event]) -> None:
-        """Record every ``(name, value, step)`` of ``event_list``."""
-
-    def close(self) -> None:  # noqa: B027 - optional hook; most backends need nothing
-        """Flush and release the backend (end of training)."""
 
 
 def _section(config: Any, name: str) -> Any:
@@ -39,18 +29,14 @@ def _section(config: Any, name: str) -> Any:
     return section if section is not None and getattr(section, "enabled", False) else None
 
 
+_BACKENDS: dict[str, type[Monitor]] = {
+    "tensorboard": TensorBoardMonitor, "wandb": WandbMonitor, "csv_monitor": csvMonitor, "comet": CometMonitor,
+    "trackio": TrackioMonitor,
+}
+
+
 def _build(name: str, section: Any) -> Monitor:
-    if name == "tensorboard":
-        from shardwise.monitor.tensorboard import TensorBoardMonitor as cls
-    elif name == "wandb":
-        from shardwise.monitor.wandb import WandbMonitor as cls
-    elif name == "csv_monitor":
-        from shardwise.monitor.csv_monitor import csvMonitor as cls
-    elif name == "comet":
-        from shardwise.monitor.comet import CometMonitor as cls
-    else:
-        from shardwise.monitor.trackio import TrackioMonitor as cls
-    return cls(section)
+    return _BACKENDS[name](section)
 
 
 class MonitorMaster(Monitor):

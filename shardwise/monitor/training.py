@@ -20,7 +20,7 @@ knows that from the config, so all ranks take part).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -28,13 +28,17 @@ from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.monitor.monitor import Event, MonitorMaster
 
+if TYPE_CHECKING:
+    from shardwise.engine.engine import Engine
+
+
 PREFIX = "Train/Samples/"
 
 
 class TrainingObserver:
     """Writes the step's events, runs the flops profiler at ``profile_step`` and prints the memory table."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self._engine = engine
         cfg = engine.config
         self.monitor = MonitorMaster(cfg)

@@ -10,9 +10,13 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from shardwise.config.errors import ConfigError
+
+if TYPE_CHECKING:
+    from shardwise.config import ShardwiseConfig
+
 
 KIND_MISSING_PACKAGE = "missing_package"
 
@@ -74,7 +78,7 @@ def require(name: str) -> None:
         raise ConfigError(text, path=f"{req.block}.enabled", kind=KIND_MISSING_PACKAGE)
 
 
-def check_backends(config: Any) -> None:
+def check_backends(config: ShardwiseConfig) -> None:
     """Raise one ConfigError listing every enabled monitor whose package is missing or too old."""
     from shardwise.config.errors import Problem
 

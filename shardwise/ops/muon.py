@@ -21,96 +21,30 @@ optimizer) tells the optimizer where each weight's pieces lie, through the strat
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 from torch.optim.adamw import adamw as _adamw
 
-NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
-NS_METHODS = ("gram", "standard")
-NS_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+from shardwise.ops.muon_partition import FlatMuonGroup
+from shardwise.ops.newton_schulz import (
+    NS_COEFFICIENTS,
+    NS_DTYPES,
+    NS_METHODS,
+    lr_ratio,
+    muon_direction,
+    orthogonalize,
+)
+
+if TYPE_CHECKING:
+    from shardwise.engine.strategy import ShardingStrategy
+
+
 MUON_DEFAULTS = {"lr": 0.02, "momentum": 0.95, "weight_decay": 0.0, "nesterov": True, "ns_steps": 5,
                  "ns_method": "gram", "ns_coefficients": NS_COEFFICIENTS, "adjust_lr_fn": None, "ns_dtype": "auto"}
 ADAM_DEFAULTS = {"lr": 3e-4, "betas": (0.9, 0.95), "eps": 1e-10, "weight_decay": 0.0}
-_NS_EPS = 1e-7
-
-
-def _standard(x: Tensor, steps: int, coefficients: tuple[float, float, float]) -> Tensor:
-    a, b, c = coefficients
-    for _ in range(steps):
-        gram = x @ x.T
-        poly = torch.addmm(gram, gram, gram, beta=b, alpha=c)
-        x = torch.addmm(x, poly, x, beta=a)
-    return x
-
-
-def _gram(x: Tensor, steps: int, coefficients: tuple[float, float, float]) -> Tensor:
-    """The same iteration carried on the small Gram matrix ``R = X X^T``: ``X_k = Q_k X_0`` with
-    ``Q_{k+1} = P(R_k) Q_k``, ``R_{k+1} = P(R_k)^2 R_k`` (P is a polynomial in R, so they commute); X is
-    recomputed once after two steps to bound the drift. Fewer FLOPs when ``cols >> rows``."""
-    a, b, c = coefficients
-    if x.size(0) == x.size(1):
-        return _standard(x, steps, coefficients)
-    eye = torch.eye(x.size(0), dtype=x.dtype, device=x.device)
-    r, q = x @ x.T, eye
-    for i in range(steps):
-        if i == 2:  # restart: fold Q into X
-            x, q = q @ x, eye
-            r = x @ x.T
-        p = a * eye + b * r + c * (r @ r)
-        q = p @ q
-        if i < steps - 1:
-            r = p @ (p @ r)
-    return q @ x
-
-
-def orthogonalize(update: Tensor, *, steps: int = 5, method: str = "gram",
-                  coefficients: tuple[float, float, float] = NS_COEFFICIENTS, dtype: torch.dtype | None = None
-                  ) -> Tensor:
-    """Newton-Schulz approximation of ``U V^T`` for ``update = U S V^T`` (a 2-D matrix), in ``dtype``."""
-    x = update.to(dtype or update.dtype)
-    tall = x.size(0) > x.size(1)
-    if tall:
-        x = x.T
-    x = x / x.norm().clamp(min=_NS_EPS)
-    x = (_gram if method == "gram" else _standard)(x, steps, tuple(coefficients))
-    return x.T if tall else x
-
-
-def lr_ratio(rows: int, cols: int, adjust_lr_fn: str | None) -> float:
-    """Per-matrix scale of Muon's step (torch.optim.Muon's ``adjust_lr_fn``)."""
-    if adjust_lr_fn == "match_rms_adamw":
-        return 0.2 * math.sqrt(max(rows, cols))
-    return math.sqrt(max(1.0, rows / cols))
-
-
-def matrix_shape(shape: torch.Size | tuple[int, ...]) -> tuple[int, int]:
-    """The 2-D view Muon orthogonalises: ``(shape[0], prod(shape[1:]))``."""
-    rows = int(shape[0])
-    return rows, int(math.prod(shape)) // rows
-
-
-def ns_dtype(group: dict[str, Any], tensor: Tensor) -> torch.dtype:
-    """Compute dtype of Newton-Schulz: the group's ``ns_dtype``; "auto" is bf16 (standard) or fp16 (gram) on an
-    accelerator, as DeepSpeed, and the tensor's own dtype on CPU (fp32, or fp64 in exactness tests)."""
-    name = group.get("ns_dtype", "auto")
-    if name != "auto":
-        return NS_DTYPES[name]
-    if tensor.device.type == "cpu":
-        return tensor.dtype
-    return torch.float16 if group.get("ns_method", "gram") == "gram" else torch.bfloat16
-
-
-def muon_direction(update: Tensor, shape: torch.Size | tuple[int, ...], group: dict[str, Any]
-                   ) -> tuple[Tensor, float]:
-    """``NS(update viewed as a matrix)`` flattened, in ``update``'s dtype, and the matrix's step ``ratio``."""
-    rows, cols = matrix_shape(shape)
-    out = orthogonalize(update.reshape(rows, cols), steps=group["ns_steps"], method=group["ns_method"],
-                        coefficients=group["ns_coefficients"], dtype=ns_dtype(group, update))
-    return out.to(update.dtype).reshape(-1), lr_ratio(rows, cols, group["adjust_lr_fn"])
 
 
 class MuonWithAuxAdam(torch.optim.Optimizer):
@@ -134,12 +68,10 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
         self._shapes = {i: [full_shape(p) for p in ps] for i, ps in self._members.items()}
         self._partitions: dict[int, Any] = {}  # group index -> muon_partition.FlatMuonGroup once bound
 
-    def bind_partitions(self, strategy: Any) -> None:
+    def bind_partitions(self, strategy: ShardingStrategy) -> None:
         """Learn, from a ZeRO strategy's ``fragments``, which pieces of which weights this rank's flat Muon
         partitions hold (a collective over the strategy's ``state_group``); the engine calls it after wrapping."""
-        from shardwise.ops.muon_partition import FlatMuonGroup
-
-        if getattr(getattr(strategy, "policy", None), "offload_optimizer", False):
+        if strategy.policy.offload_optimizer:
             raise ValueError("Muon with zero_optimization.offload_optimizer is not supported (as in DeepSpeed 0.19); "
                              "remove offload_optimizer")
         for i, members in self._members.items():
@@ -205,8 +137,8 @@ class MuonWithAuxAdam(torch.optim.Optimizer):
 def full_shape(p: Tensor) -> torch.Size:
     """A parameter's real shape, also while ZeRO-3 or ``zero.Init`` holds only a shard of it."""
     shape = getattr(p, "_sw_init_shape", None) if hasattr(p, "_sw_init_shard") else None
-    if shape is None and hasattr(p, "_sw_unit"):
-        shape = p.ds_shape
+    if shape is None:
+        shape = getattr(p, "ds_shape", None)  # DeepSpeed's parameter API: ZeRO-3 parameters' full shape
     return torch.Size(shape if shape is not None else p.shape)
 
 

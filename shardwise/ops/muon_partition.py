@@ -14,19 +14,23 @@ momentum state sharded like every other optimizer state.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
 
 from shardwise import comm
-from shardwise.ops.muon import lr_ratio, matrix_shape, orthogonalize
-from shardwise.ops.muon import ns_dtype as _ns_dtype
+from shardwise.ops.newton_schulz import lr_ratio, matrix_shape, orthogonalize
+from shardwise.ops.newton_schulz import ns_dtype as _ns_dtype
+
+if TYPE_CHECKING:
+    from shardwise.engine.strategy import ShardingStrategy
+
 
 CHUNK_NUMEL = 1 << 26  # weights' elements gathered per collective (256 MiB in fp32): bounds the transient memory
 
 
-def _pieces(flat: Tensor, members: list[Tensor], strategy: Any) -> list[tuple[int, int, int, int]]:
+def _pieces(flat: Tensor, members: list[Tensor], strategy: ShardingStrategy) -> list[tuple[int, int, int, int]]:
     out = []
     base, size = flat.data_ptr(), flat.element_size()
     for k, p in enumerate(members):
@@ -59,7 +63,8 @@ def _all_tables(local: list[tuple[int, int, int, int]], group: Any, device: torc
 class FlatMuonGroup:
     """Where the Muon weights' pieces lie on every rank, and the per-step gather + orthogonalisation."""
 
-    def __init__(self, flat: Tensor, members: list[Tensor], shapes: list[torch.Size], strategy: Any) -> None:
+    def __init__(self, flat: Tensor, members: list[Tensor], shapes: list[torch.Size],
+                 strategy: ShardingStrategy) -> None:
         self.flat = flat
         self.shapes = shapes
         self.group = strategy.state_group

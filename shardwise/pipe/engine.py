@@ -22,7 +22,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -36,6 +36,11 @@ from shardwise.pipe.executor import BatchResult, BatchStats, StageExecutor
 from shardwise.pipe.module import PipelineError, PipelineModule
 from shardwise.pipe.p2p import P2P
 from shardwise.utils.repeating_loader import RepeatingLoader
+
+if TYPE_CHECKING:
+    from shardwise.config import ShardwiseConfig
+    from shardwise.engine.strategy import ShardingStrategy
+
 
 __all__ = ["PipelineEngine", "build_pipeline_engine"]
 
@@ -297,7 +302,7 @@ def _to_device(value: Any, device: torch.device) -> Any:
     return value
 
 
-def _accumulated_grad(strategy: Any, param: nn.Parameter) -> torch.Tensor:
+def _accumulated_grad(strategy: ShardingStrategy, param: nn.Parameter) -> torch.Tensor:
     """This rank's locally accumulated (not yet data-parallel reduced) gradient of ``param``, as a view."""
     try:
         return strategy.accumulated_grad(param)
@@ -316,7 +321,7 @@ def _non_reentrant_checkpoint() -> Callable:
         return partial(checkpoint, use_reentrant=False)
 
 
-def build_pipeline_engine(*, module: nn.Module, config: Any, topology: Topology, optimizer: Any = None,
+def build_pipeline_engine(*, module: nn.Module, config: ShardwiseConfig, topology: Topology, optimizer: Any = None,
                           model_parameters: Iterable | None = None, lr_scheduler: Any = None,
                           training_data: Any = None, collate_fn: Callable | None = None) -> PipelineEngine:
     """Build the engine for a ``PipelineModule`` (called by ``shardwise.initialize``)."""

@@ -14,12 +14,16 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardwise.pipe import schedule as S
 from shardwise.pipe.p2p import as_tensor_tuple
+
+if TYPE_CHECKING:
+    from shardwise.engine.engine import Engine
+
 
 _ACT, _GRAD = 0, 1
 
@@ -49,7 +53,7 @@ class BatchResult:
 class StageExecutor:
     """Executes schedules for ``engine`` (a ``PipelineEngine``)."""
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.module = engine.module
         self.topology = engine.topology

@@ -22,11 +22,17 @@ alive. Receives block. See ``schedule.py`` [Note: p2p ordering] for why that can
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardwise import comm
+from shardwise.comm.collectives import all_gather_padded
+from shardwise.comm.shards import ceil_div, padded_shard
+
+if TYPE_CHECKING:
+    from shardwise.comm.topology import Topology
+
 
 __all__ = ["P2P", "TensorMeta", "PipelineCommError", "META_SLOTS"]
 
@@ -112,7 +118,7 @@ def as_tensor_tuple(value: Any, what: str) -> tuple[torch.Tensor, ...]:
 class P2P:
     """Send/receive boundary tensors between pipeline ranks of one topology."""
 
-    def __init__(self, topology: Any, *, pipe_partitioned: bool, grad_partitioned: bool,
+    def __init__(self, topology: Topology, *, pipe_partitioned: bool, grad_partitioned: bool,
                  dynamic_shape: bool = False) -> None:
         self.pp_group = topology.pp_group
         self.tp_group = topology.tp_group
@@ -168,11 +174,7 @@ class P2P:
         if t.dtype == torch.bool:
             flat = flat.to(torch.uint8)
         if meta.split:
-            size = self.tp_group.size
-            chunk = -(-flat.numel() // size)
-            padded = torch.zeros(chunk * size, dtype=flat.dtype, device=flat.device)
-            padded[: flat.numel()] = flat
-            flat = padded[self.tp_group.rank * chunk : (self.tp_group.rank + 1) * chunk]
+            flat = padded_shard(flat, self.tp_group.size, self.tp_group.rank)
         return flat.contiguous()
 
     def _isend(self, t: torch.Tensor, dst: int, tag: int) -> None:
@@ -212,13 +214,9 @@ class P2P:
             buf = torch.empty(meta.numel, dtype=wire, device=device)
             comm.recv(buf, src, group=self.pp_group, tag=tag)
         else:
-            size = self.tp_group.size
-            chunk = -(-meta.numel // size)
-            part = torch.empty(chunk, dtype=wire, device=device)
+            part = torch.empty(ceil_div(meta.numel, self.tp_group.size), dtype=wire, device=device)
             comm.recv(part, src, group=self.pp_group, tag=tag)
-            full = torch.empty(chunk * size, dtype=wire, device=device)
-            comm.all_gather_into_tensor(full, part, group=self.tp_group)
-            buf = full[: meta.numel]
+            buf = all_gather_padded(part, meta.numel, self.tp_group)
         if meta.dtype == torch.bool:
             buf = buf.to(torch.bool)
         return buf.view(meta.shape)

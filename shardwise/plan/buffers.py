@@ -3,7 +3,7 @@
 Sized from what the probe read off the real strategy (its largest ZeRO-3 unit, its bucket size, how many
 reductions it lets run at once) and the strategies' code:
 
-* ZeRO-3 (``zero/stage3.py``): the unit being computed and the one prefetched are gathered in the model dtype
+* ZeRO-3 (``zero/stage3/``): the unit being computed and the one prefetched are gathered in the model dtype
   (2 units); backward keeps the unit's flat gradient plus up to ``max_inflight`` more whose reduce-scatters are in
   flight (``max_inflight + 1`` units in the gradient dtype);
 * ZeRO-2 (``zero/reducer.py``): gradients of a bucket gather in a staging buffer until it is reduced; up to

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -30,6 +30,11 @@ from shardwise import comm
 from shardwise.comm import COMMS_LOG
 from shardwise.engine import model_parallel
 from shardwise.pipe.p2p import META_SLOTS, P2P, TensorMeta
+
+if TYPE_CHECKING:
+    from shardwise.comm.topology import Topology
+    from shardwise.engine.engine import Engine
+
 
 
 @dataclass
@@ -78,7 +83,7 @@ class _Discard(Recorder):
         COMMS_LOG.reset()
 
 
-def _meta_step(engine: Any) -> None:
+def _meta_step(engine: Engine) -> None:
     """``Engine._take_model_step`` minus the scalar reads (see the module docstring)."""
     s, topo = engine.strategy, engine.topology
     s.finish_gradients()
@@ -104,7 +109,7 @@ def _allow_meta_host_optimizer(optimizer: Any) -> None:
         basic._check_param = lambda p: None
 
 
-def _micro_step(engine: Any, batch: tuple, boundary: bool, rec: Recorder, weight: float) -> None:
+def _micro_step(engine: Engine, batch: tuple, boundary: bool, rec: Recorder, weight: float) -> None:
     s = engine.strategy
     with rec.phase("forward", weight):
         loss = engine(*batch)
@@ -114,7 +119,7 @@ def _micro_step(engine: Any, batch: tuple, boundary: bool, rec: Recorder, weight
         s.end_backward()
 
 
-def run_window(engine: Any, batch: tuple, gas: int, rec: Recorder, distinct_middle: bool = False) -> None:
+def run_window(engine: Engine, batch: tuple, gas: int, rec: Recorder, distinct_middle: bool = False) -> None:
     """One optimizer step of ``gas`` micro-batches, replayed as: the first micro-step (weighted ``gas - 1`` when the
     middle ones send the same), a middle one (weighted ``gas - 2``) when ``distinct_middle`` (hpZ: only the first
     forward after a step crosses nodes), and the last, which reduces; then the optimizer step."""
@@ -130,7 +135,7 @@ def run_window(engine: Any, batch: tuple, gas: int, rec: Recorder, distinct_midd
         _meta_step(engine)
 
 
-def drive_engine(engine: Any, batch: tuple, gas: int, zero3: bool, hpz: bool) -> Recorder:
+def drive_engine(engine: Engine, batch: tuple, gas: int, zero3: bool, hpz: bool) -> Recorder:
     """ZeRO-3: a one-micro-batch warm-up step first (it learns its prefetch order, which decides which gathers
     backward can skip); then the recorded step."""
     if zero3:
@@ -144,7 +149,7 @@ def drive_engine(engine: Any, batch: tuple, gas: int, zero3: bool, hpz: bool) ->
 class PlanP2P(P2P):
     """Pipeline transfers on the fake backend: the receiver knows the boundary tensor instead of decoding it."""
 
-    def __init__(self, topology: Any, *, pipe_partitioned: bool, grad_partitioned: bool, boundary: TensorMeta,
+    def __init__(self, topology: Topology, *, pipe_partitioned: bool, grad_partitioned: bool, boundary: TensorMeta,
                  replicated: bool) -> None:
         super().__init__(topology, pipe_partitioned=pipe_partitioned, grad_partitioned=grad_partitioned)
         self.boundary = boundary
@@ -181,7 +186,7 @@ def replayed_micro_batches(micro_batches: int, stages: int, chunks: int) -> int:
     return min(micro_batches, stages if chunks > 1 else 2)
 
 
-def drive_pipeline(engine: Any, batch: tuple, p2p: PlanP2P) -> tuple[Recorder, float]:
+def drive_pipeline(engine: Engine, batch: tuple, p2p: PlanP2P) -> tuple[Recorder, float]:
     """One ``train_batch`` through the real schedule and executor, phases: pipeline, reduce, step. Returns the
     recorder and the factor the replayed micro-batches' traffic was scaled by (already applied in the recorder)."""
     rec = Recorder()

@@ -22,13 +22,17 @@ import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from shardwise.models.llama import LlamaConfig
+
+if TYPE_CHECKING:
+    from shardwise.comm.topology import Topology
+
 
 #: published shapes (vocabulary, hidden, layers, heads, key/value heads, SwiGLU hidden)
 PRESETS: dict[str, LlamaConfig] = {
@@ -72,7 +76,7 @@ class ModelSource:
         """Parameter count of the whole model (known shapes only)."""
         return llama_parameters(self.llama) if self.llama is not None else None
 
-    def build(self, topology: Any, *, seq_len: int, checkpointing: bool, sequence_parallel: bool,
+    def build(self, topology: Topology, *, seq_len: int, checkpointing: bool, sequence_parallel: bool,
               virtual_stages: int) -> nn.Module:
         """This rank's model on the meta device (a ``PipelineModule`` stage when the topology has stages)."""
         with torch.device("meta"):
@@ -89,7 +93,7 @@ class ModelSource:
             return self.factory(topology)
 
 
-def _pipeline_llama(cfg: LlamaConfig, topology: Any, checkpointing: bool, virtual_stages: int) -> nn.Module:
+def _pipeline_llama(cfg: LlamaConfig, topology: Topology, checkpointing: bool, virtual_stages: int) -> nn.Module:
     from shardwise.models.llama_pipe import LlamaPipeLoss, llama_pipe_specs
     from shardwise.pipe import PipelineModule
 
@@ -109,11 +113,11 @@ def llama_parameters(c: LlamaConfig) -> int:
 class _HFCausalLM(nn.Module):
     """A transformers causal LM with the reference model's ``forward(tokens, targets) -> loss``."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, hf_config: Any) -> None:
         super().__init__()
         from transformers import AutoModelForCausalLM
 
-        self.model = AutoModelForCausalLM.from_config(config)
+        self.model = AutoModelForCausalLM.from_config(hf_config)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=tokens).logits

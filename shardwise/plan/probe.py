@@ -12,13 +12,18 @@ from __future__ import annotations
 import gc
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardwise.plan.drive import PlanP2P, drive_engine, drive_pipeline
 from shardwise.plan.fake_world import fake_world
 from shardwise.plan.models import ModelSource
+
+if TYPE_CHECKING:
+    from shardwise.comm.topology import Topology
+    from shardwise.config import ShardwiseConfig
+
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ def _layers_on_rank(model: Any, setup: ProbeSetup) -> tuple[int, bool, bool]:
 _METADATA_OPS = ("all_gather_object", "broadcast_object", "barrier")
 
 
-def _group_span(topology: Any, name: str) -> tuple[int, int, int]:
+def _group_span(topology: Topology, name: str) -> tuple[int, int, int]:
     """(members, nodes they sit on, members on this rank's node)."""
     try:
         ranks = topology.group(name).ranks
@@ -137,7 +142,7 @@ def inter_node_bytes(op: str, msg: float, wire: float, size: int, nodes: int, lo
     return wire
 
 
-def _rows(rec: Any, topology: Any, p2p: PlanP2P | None, scale: float) -> list[TrafficRow]:
+def _rows(rec: Any, topology: Topology, p2p: PlanP2P | None, scale: float) -> list[TrafficRow]:
     rows = []
     for (phase, op, group), t in sorted(rec.records.items()):
         if not t.count or op in _METADATA_OPS or (op in ("send", "recv") and p2p is not None):
@@ -156,7 +161,7 @@ def _rows(rec: Any, topology: Any, p2p: PlanP2P | None, scale: float) -> list[Tr
     return rows
 
 
-def _boundary(setup: ProbeSetup, config: Any, dtype: torch.dtype) -> tuple[Any, bool]:
+def _boundary(setup: ProbeSetup, config: ShardwiseConfig, dtype: torch.dtype) -> tuple[Any, bool]:
     from shardwise.pipe.p2p import TensorMeta
 
     seq = setup.seq_len // (setup.tp if setup.sequence_parallel else 1)
@@ -168,6 +173,7 @@ def _run(setup: ProbeSetup, rank: int) -> RankProbe:
     from shardwise.comm.topology import Topology
     from shardwise.engine.build import build_engine
     from shardwise.engine.precision import model_dtype
+    from shardwise.zero.stage3 import Stage3Strategy
 
     topo = Topology(pp=setup.pp, tp=setup.tp, sp=setup.sp, world_size=setup.world_size, rank=rank,
                     local_world_size=setup.gpus_per_node)
@@ -201,14 +207,14 @@ def _run(setup: ProbeSetup, rank: int) -> RankProbe:
         strategy=strategy.describe(), param_bytes=model_dtype(config).itemsize,
         grad_bytes=policy.grad_dtype.itemsize, max_inflight=policy.max_inflight, stage=policy.stage,
         micro_batch=mb, gas=gas, traffic=_rows(rec, topo, p2p, scale))
-    if hasattr(strategy, "units"):
+    if isinstance(strategy, Stage3Strategy):
         probe.largest_unit = max((u.numel for u in strategy.units), default=0)
         intra = getattr(strategy.shard_comm, "intra", None)
         if intra is not None:  # each unit caches 1/intra of itself after its first gather, until the next step
             probe.hpz_secondary = sum(u.layout.total // intra.size * u.dtype.itemsize for u in strategy.units)
     else:
         probe.bucket_numel = policy.bucket_numel
-    if hasattr(strategy, "remove_hooks"):
+    if strategy is not None:
         strategy.remove_hooks()
     return probe
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
@@ -28,11 +28,14 @@ from torch import nn
 
 from shardwise.comm.group import Group
 from shardwise.comm.topology import Topology
+from shardwise.sp.hf_attention import SUPPORTED_IMPLEMENTATIONS, model_eager_function
 from shardwise.sp.hf_masks import FullSequence
-from shardwise.sp.hf_ulysses import SUPPORTED_IMPLEMENTATIONS, UlyssesSPAttentionHF, model_eager_function
 from shardwise.tp.mappings import all_gather_dim
 from shardwise.tp.mpu import ModelParallelUnit
 from shardwise.utils.logging import logger
+
+if TYPE_CHECKING:  # the wrapper class calls into this module; the class itself is passed in as ``cls``
+    from shardwise.sp.hf_ulysses import UlyssesSPAttentionHF
 
 
 @dataclass
@@ -89,12 +92,14 @@ def _check_arguments(core: str, sp: int, seq_length: int | None, variable: bool,
         raise ValueError(f"sequence_parallel_size must be >= 1, got {sp}")
 
 
-def register_with_transformers(model_name_or_path: Any, core_attn_implementation: str, sequence_parallel_size: int,
+def register_with_transformers(model_name_or_path: Any, core_attn_implementation: str | None,
+                               sequence_parallel_size: int,
                                micro_batch_size: int, *, seq_length: int | None = None,
                                seq_length_is_variable: bool = True, disable_in_eval: bool = False,
                                max_length: int | None = None,
-                               cls: type[UlyssesSPAttentionHF] = UlyssesSPAttentionHF) -> ModelParallelUnit | None:
-    """Make ``core_attn_implementation`` ("sdpa" or "eager") sequence-parallel for this model; returns the mpu.
+                               cls: type[UlyssesSPAttentionHF]) -> ModelParallelUnit | None:
+    """Make ``core_attn_implementation`` ("sdpa" or "eager"; None means "sdpa", the default accelerate documents
+    for ``sp_attn_implementation``) sequence-parallel for this model; returns the mpu.
 
     ``model_name_or_path``: the model (preferred: its pre-hook handles positions and padding masks) or a local
     path/config holder. Returns None (and does nothing) when ``sequence_parallel_size`` is 1, as DeepSpeed.
@@ -107,6 +112,10 @@ def register_with_transformers(model_name_or_path: Any, core_attn_implementation
         logger.warning("register_with_transformers: max_length is deprecated, use seq_length")
         seq_length = seq_length if seq_length is not None else max_length
     model, config = _model_and_config(model_name_or_path)
+    if core_attn_implementation is None:  # accelerate's DeepSpeedSequenceParallelConfig unset: its documented default
+        core_attn_implementation = "sdpa"
+        logger.info("register_with_transformers: core_attn_implementation not given (accelerate: "
+                    "sp_attn_implementation unset); using 'sdpa'")
     _check_arguments(core_attn_implementation, sequence_parallel_size, seq_length, seq_length_is_variable, config)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     heads = text.num_attention_heads

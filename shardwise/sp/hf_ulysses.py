@@ -22,7 +22,6 @@ computed before attention, are right; after the exchange the attention sees the 
 from __future__ import annotations
 
 import contextlib
-import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from math import gcd
@@ -31,14 +30,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardwise.sp import hf_masks
+from shardwise.sp import hf_masks, hf_registry
+from shardwise.sp.hf_attention import model_eager_function
 from shardwise.sp.hf_masks import FullSequence
 from shardwise.sp.ulysses import seq_all_to_all
 from shardwise.tp.mappings import all_gather_dim, resolve_group
 from shardwise.tp.partition import partition_sizes
-
-#: attention implementations whose masks this module rebuilds for the full sequence
-SUPPORTED_IMPLEMENTATIONS = ("sdpa", "eager")
 
 
 @dataclass(frozen=True)
@@ -85,15 +82,6 @@ def _kv_groups(module: nn.Module, groups: int) -> Iterator[None]:
             del module.num_key_value_groups
         else:
             module.num_key_value_groups = old
-
-
-def model_eager_function(module: nn.Module) -> Callable:
-    """The ``eager_attention_forward`` of the modeling file that defines ``module`` (each architecture has its own)."""
-    fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-    if fn is None:
-        raise TypeError(f"Ulysses with attn_implementation='eager': {type(module).__module__} defines no "
-                        "eager_attention_forward to call; use attn_implementation='sdpa'")
-    return fn
 
 
 class UlyssesSPAttentionHF(nn.Module):
@@ -210,8 +198,6 @@ class UlyssesSPAttentionHF(nn.Module):
         """Make ``core_attn_implementation`` sequence-parallel for this model; returns the mpu (None when size 1).
 
         See ``shardwise.sp.hf_registry.register_with_transformers``."""
-        from shardwise.sp import hf_registry
-
         return hf_registry.register_with_transformers(
             model_name_or_path, core_attn_implementation, sequence_parallel_size, micro_batch_size,
             seq_length=seq_length, seq_length_is_variable=seq_length_is_variable, disable_in_eval=disable_in_eval,
@@ -220,6 +206,4 @@ class UlyssesSPAttentionHF(nn.Module):
     @classmethod
     def unregister_from_transformers(cls, core_attn_implementation: str | None = None) -> None:
         """Restore transformers' attention function and remove the model hook."""
-        from shardwise.sp import hf_registry
-
         hf_registry.unregister_from_transformers(core_attn_implementation)

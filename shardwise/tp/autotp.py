@@ -206,6 +206,7 @@ def apply_training_plan(model: nn.Module, plan: TrainingPlan, group: Any) -> nn.
             new = ColumnParallelLinear.from_linear(old, group, grain=p.grain)
         else:
             new = RowParallelLinear.from_linear(old, group, grain=p.grain)
+        _keep_parameter_objects(old, new)
         _replace(model, p.path, new)
     for path, attrs in plan.attention.items():
         module = model.get_submodule(path)
@@ -214,6 +215,20 @@ def apply_training_plan(model: nn.Module, plan: TrainingPlan, group: Any) -> nn.
     for path, attr, value in plan.fixups:
         setattr(model.get_submodule(path), attr, value)
     return model
+
+
+def _keep_parameter_objects(old: nn.Module, new: nn.Module) -> None:
+    """Give the split layer the original ``Parameter`` objects, holding their slices (DeepSpeed's AutoTP swaps
+    ``param.data`` in place): an optimizer or parameter list made before the split (Accelerate's usual loop builds
+    ``AdamW(model.parameters())`` before ``prepare``) then still refers to the parameters that train."""
+    for name in ("weight", "bias"):
+        original, split = getattr(old, name, None), getattr(new, name, None)
+        if not isinstance(original, nn.Parameter) or not isinstance(split, nn.Parameter):
+            continue
+        original.data = split.data
+        for attr, value in vars(split).items():  # tensor_model_parallel, partition_dim, ...
+            setattr(original, attr, value)
+        setattr(new, name, original)
 
 
 # -- the public entry points --------------------------------------------------------------------------------------

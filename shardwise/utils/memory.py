@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import gc
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import psutil
 import torch
 
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
+
+if TYPE_CHECKING:
+    from shardwise.engine.engine import Engine
+
 
 GB = 1024**3
 MB = 1024**2
@@ -86,7 +90,7 @@ def format_breakdown(rows: Sequence[Sequence[float]], title: str = "memory") -> 
     return "\n".join(lines)
 
 
-def print_memory_breakdown(engine: Any, peak_bytes: float, title: str = "memory") -> list[list[float]]:
+def print_memory_breakdown(engine: Engine, peak_bytes: float, title: str = "memory") -> list[list[float]]:
     """Gather every rank's row and print the table on rank 0; returns the rows (bytes) on every rank."""
     rows = memory_breakdown_rows(engine, peak_bytes)
     if comm.get_rank() == 0:

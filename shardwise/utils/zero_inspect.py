@@ -28,13 +28,17 @@ initialisation), so ``*_optimizer_state`` before the first step raises a ValueEr
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from shardwise import comm
 from shardwise.zero.fragments import Fragment
 from shardwise.zero.owners import owner_of
+
+if TYPE_CHECKING:
+    from shardwise.engine.strategy import ShardingStrategy
+
 
 __all__ = [
     "safe_get_full_fp32_param",
@@ -66,15 +70,14 @@ def _full_shape(param: torch.nn.Parameter) -> torch.Size:
     return torch.Size(getattr(param, "ds_shape", None) or param.shape)
 
 
-def _grad_divisor(strategy: Any) -> int:
+def _grad_divisor(strategy: ShardingStrategy) -> int:
     """Fragments hold gradients summed over this many replicas; DeepSpeed reports their average."""
-    return int(getattr(strategy, "grad_reduce_size", strategy.state_group.size))
+    return strategy.grad_reduce_size
 
 
-def _finish(strategy: Any) -> None:
-    finish = getattr(strategy, "finish_gradients", None)
-    if finish is not None:
-        finish()  # in-flight reductions land in the gradient fragments (idempotent; step() calls it again)
+def _finish(strategy: ShardingStrategy) -> None:
+    # in-flight reductions land in the gradient fragments (idempotent; step() calls it again)
+    strategy.finish_gradients()
 
 
 def _state_picker(key: str) -> Picker:
@@ -89,7 +92,7 @@ def _fp32_picker(f: Fragment) -> torch.Tensor | None:
     return f.fp32
 
 
-def _missing(what: str, param: torch.nn.Parameter, strategy: Any) -> ValueError:
+def _missing(what: str, param: torch.nn.Parameter, strategy: ShardingStrategy) -> ValueError:
     shape = tuple(_full_shape(param))
     if what.startswith("optimizer state"):
         have = sorted({k for f in strategy.fragments(param) for k in f.state})
@@ -101,7 +104,7 @@ def _missing(what: str, param: torch.nn.Parameter, strategy: Any) -> ValueError:
                       "engine.backward() and before engine.step()")
 
 
-def _gather(param: torch.nn.Parameter, strategy: Any, pick: Picker, what: str) -> torch.Tensor:
+def _gather(param: torch.nn.Parameter, strategy: ShardingStrategy, pick: Picker, what: str) -> torch.Tensor:
     """Assemble the full fp32 tensor from every rank's fragments (one all-reduce over ``state_group``).
 
     One extra element carries a "this rank had everything asked for" flag, so that a missing piece (state not
@@ -125,7 +128,7 @@ def _gather(param: torch.nn.Parameter, strategy: Any, pick: Picker, what: str) -
     return buf[:numel].view(shape)
 
 
-def _scatter(param: torch.nn.Parameter, strategy: Any, pick: Picker, value: torch.Tensor, what: str,
+def _scatter(param: torch.nn.Parameter, strategy: ShardingStrategy, pick: Picker, value: torch.Tensor, what: str,
              scale: float = 1.0) -> None:
     """Write this rank's fragments from the full ``value`` (no communication)."""
     shape = _full_shape(param)
@@ -141,7 +144,8 @@ def _scatter(param: torch.nn.Parameter, strategy: Any, pick: Picker, value: torc
         target.copy_(piece * scale if scale != 1.0 else piece)
 
 
-def _local(param: torch.nn.Parameter, strategy: Any, pick: Picker, what: str, scale: float = 1.0) -> torch.Tensor:
+def _local(param: torch.nn.Parameter, strategy: ShardingStrategy, pick: Picker, what: str,
+           scale: float = 1.0) -> torch.Tensor:
     """This rank's fragments, concatenated in element order (fp32 copy)."""
     pieces = []
     for f in sorted(strategy.fragments(param), key=lambda f: f.start):
@@ -155,7 +159,7 @@ def _local(param: torch.nn.Parameter, strategy: Any, pick: Picker, what: str, sc
     return out.mul_(scale) if scale != 1.0 else out
 
 
-def _set_local(param: torch.nn.Parameter, strategy: Any, pick: Picker, value: torch.Tensor, what: str,
+def _set_local(param: torch.nn.Parameter, strategy: ShardingStrategy, pick: Picker, value: torch.Tensor, what: str,
                scale: float = 1.0) -> None:
     frags = sorted(strategy.fragments(param), key=lambda f: f.start)
     held = sum(f.numel for f in frags)

@@ -42,7 +42,8 @@ from dataclasses import asdict, dataclass
 
 from torch import nn
 
-_DTYPE_BYTES = {"fp32": 4, "fp16": 2, "bf16": 2}
+from shardwise.config import dtypes
+
 #: optimizer state bytes per parameter element (fp32 state tensors)
 OPTIMIZER_STATE_BYTES = {"adam": 8, "adamw": 8, "lamb": 8, "adagrad": 4, "lion": 4, "sgd": 4, "sgd-nomomentum": 0}
 _GB = 2**30
@@ -71,9 +72,9 @@ class ModelStatesEstimate:
 
 
 def _bytes_of(dtype: str | None, name: str) -> int:
-    if dtype not in _DTYPE_BYTES:
-        raise ValueError(f"{name} = {dtype!r}: expected one of {sorted(_DTYPE_BYTES)}")
-    return _DTYPE_BYTES[dtype]
+    if dtype not in dtypes.SPELLINGS:
+        raise ValueError(f"{name} = {dtype!r}: expected one of {sorted(dtypes.SPELLINGS)}")
+    return dtypes.ITEMSIZE[dtype]
 
 
 def _state_bytes(optimizer: str | int) -> int:

@@ -10,15 +10,18 @@ so backward finds it gathered again. The cost is one isinstance scan of each cal
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 from shardwise.zero.unit import UnitState
 
+if TYPE_CHECKING:
+    from shardwise.zero.stage3 import Stage3Strategy
 
-def _released_units(strategy: Any, values: Any, found: list) -> None:
+
+def _released_units(strategy: Stage3Strategy, values: Any, found: list) -> None:
     for v in values:
         # a plain Tensor check and a lookup by id: ``isinstance(v, nn.Parameter)`` goes through Parameter's
         # Python-level ``__instancecheck__``, which dominated this scan (the model's parameters are alive, so no
@@ -34,7 +37,7 @@ def _released_units(strategy: Any, values: Any, found: list) -> None:
 class ExternalParameterMode(TorchFunctionMode):
     """Gather-on-use for parameters outside the running module's own."""
 
-    def __init__(self, strategy: Any) -> None:
+    def __init__(self, strategy: Stage3Strategy) -> None:
         super().__init__()
         self.strategy = strategy
 

@@ -15,7 +15,14 @@ import torch
 from torch import nn
 
 from shardwise import comm
+from shardwise.accelerator import get_accelerator
 from shardwise.zero.layout import FlatLayout
+
+
+def copy_master(values: torch.Tensor, device: torch.device, dtype: torch.dtype, pin: bool) -> torch.Tensor:
+    """A master-weight copy of ``values``: ``dtype`` on ``device``, in pinned memory when asked and on the host."""
+    master = values.detach().to(device=device, dtype=dtype, copy=True)
+    return get_accelerator().pin_memory(master) if pin and device.type == "cpu" else master
 
 
 def master_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -90,12 +97,7 @@ class FlatGroup:
                         dtype: torch.dtype | None = None) -> None:
         """The master weights (fp32 unless ``dtype``): this rank's partition (ZeRO) or a full copy (stage 0, fp16)."""
         source = self.param_shard_of_flat() if partitioned else self.flat
-        master = source.detach().to(device=device, dtype=dtype or master_dtype(self.dtype), copy=True)
-        if pin and device.type == "cpu":
-            from shardwise.accelerator import get_accelerator
-
-            master = get_accelerator().pin_memory(master)
-        self.master = master
+        self.master = copy_master(source, device, dtype or master_dtype(self.dtype), pin)
 
     @torch.no_grad()
     def publish_master(self, comm_group: Any, handles: list, max_inflight: int) -> None:

@@ -1,17 +1,16 @@
 """``FlatStrategy``: ZeRO stages 0, 1, 2 and the BF16 optimizer, assembled from layout + buffers + reducer + optimizer.
 
-The engine talks to a sharding strategy through a handful of methods (see ``engine/strategy.py``); this one builds
+The engine talks to a sharding strategy through ``engine/strategy.py``'s ``ShardingStrategy``; this one builds
 a ``FlatGroup`` per optimizer group (parameters in reverse registration order, which approximates the order
 backward produces gradients, so buckets fill and launch early), wires the hooks, and answers memory questions.
 """
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import nn
 
+from shardwise import comm
 from shardwise.comm.group import Group
 from shardwise.zero.flat_buffer import FlatGroup
 from shardwise.zero.flat_optimizer import FlatOptimizer
@@ -21,6 +20,7 @@ from shardwise.zero.layout import build_layout
 from shardwise.zero.owners import register_owner
 from shardwise.zero.policy import ZeroPolicy
 from shardwise.zero.reducer import GradReducer
+from shardwise.zero.strategy_base import StrategyBase, tensor_bytes
 
 
 def _trainable_groups(module: nn.Module, basic: torch.optim.Optimizer) -> list[list[nn.Parameter]]:
@@ -39,7 +39,7 @@ def _trainable_groups(module: nn.Module, basic: torch.optim.Optimizer) -> list[l
     return out
 
 
-class FlatStrategy:
+class FlatStrategy(StrategyBase):
     """Data parallelism with optional optimizer-state (stage 1) and gradient (stage 2) partitioning."""
 
     def __init__(self, module: nn.Module, basic: torch.optim.Optimizer, policy: ZeroPolicy, group: Group) -> None:
@@ -69,6 +69,7 @@ class FlatStrategy:
         self.optimizer = FlatOptimizer(basic, flat_groups, policy, group)
         self.reducer = GradReducer(self.optimizer.live_groups, policy, group)
         self._hooks = register_grad_hooks(self.reducer)
+        self._managed: dict[int, tuple[FlatGroup, int]] | None = None
         register_owner((p for g in self.optimizer.live_groups for p in g.params), self)
 
     # -- the strategy protocol ------------------------------------------------------------------------------------
@@ -84,23 +85,6 @@ class FlatStrategy:
         """Wait until reduced gradients are in place."""
         self.reducer.wait_all()
 
-    def local_grad_norm_sq(self) -> torch.Tensor:
-        """Squared norm of the gradients this rank owns."""
-        return self.optimizer.local_norm_sq()
-
-    @property
-    def norm_is_partitioned(self) -> bool:
-        """Whether the norm must be summed over the ZeRO group (each rank owns a different part)."""
-        return self.policy.partitioned
-
-    def scale_grads(self, factor: float) -> None:
-        """Apply averaging, loss-unscaling and clipping in one multiply."""
-        self.optimizer.scale_grads(factor)
-
-    def optimizer_step(self) -> None:
-        """Update owned weights and republish them."""
-        self.optimizer.step()
-
     def publish_weights(self) -> None:
         """Make the model's weights current from the fp32 masters (after they were written, e.g. by a load)."""
         if self.policy.use_master:
@@ -115,26 +99,10 @@ class FlatStrategy:
         """Trainable parameters that received no gradient since the last optimizer step."""
         return [self.reducer.groups[gi].params[pi] for gi, pi in self.reducer.untouched()]
 
-    def remove_hooks(self) -> None:
-        """Detach from autograd (``engine.destroy()``)."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks = []
-
     # -- state access ------------------------------------------------------------------------------------------
-    @property
-    def state_group(self) -> Group:
-        """Ranks whose fragments together cover every parameter (size 1 when state is replicated)."""
-        return self.group if self.policy.partitioned else Group("self", (self.group.global_rank(self.group.rank),))
-
-    @property
-    def grad_reduce_size(self) -> int:
-        """Data-parallel replicas whose gradients are summed in ``Fragment.grad`` (the engine divides at the step)."""
-        return self.group.size
-
     def managed(self) -> dict[int, tuple[FlatGroup, int]]:
         """id(param) -> (its FlatGroup, its index in the group)."""
-        if not hasattr(self, "_managed"):
+        if self._managed is None:
             self._managed = {id(p): (g, i) for g in self.optimizer.live_groups for i, p in enumerate(g.params)}
         return self._managed
 
@@ -176,22 +144,25 @@ class FlatStrategy:
         return out
 
     # -- memory -------------------------------------------------------------------------------------------------------
-    def memory_breakdown(self) -> dict[str, int]:
-        """Bytes this rank holds for model states, by kind."""
-        params = grads = master = 0
+    def _held_bytes(self) -> tuple[int, int, int]:
+        groups = self.optimizer.live_groups
+        return (sum(tensor_bytes(g.flat) for g in groups),
+                sum(tensor_bytes(g.full_grad) + tensor_bytes(g.part_grad) for g in groups),
+                sum(tensor_bytes(g.master) for g in groups))
+
+    @torch.no_grad()
+    def sync_initial_weights(self, src: int) -> set[int]:
+        """Broadcast each flat buffer from global rank ``src``, then retake the master copies (they were taken
+        from this rank's weights before the broadcast)."""
+        done: set[int] = set()
         for g in self.optimizer.live_groups:
-            params += g.flat.numel() * g.flat.element_size()
-            for t in (g.full_grad, g.part_grad):
-                if t is not None:
-                    grads += t.numel() * t.element_size()
+            comm.broadcast(g.flat, src=src, group=self.group)
+            done.update(id(p) for p in g.params)
+        for g in self.optimizer.live_groups:
             if g.master is not None:
-                master += g.master.numel() * g.master.element_size()
-        state = 0
-        for per_param in self.optimizer.basic.state.values():
-            for v in per_param.values():
-                if torch.is_tensor(v) and v.numel() > 1:
-                    state += v.numel() * v.element_size()
-        return {"parameters": params, "gradients": grads, "master_weights": master, "optimizer_states": state}
+                source = g.param_shard_of_flat() if self.policy.partitioned else g.flat
+                g.master.copy_(source.to(g.master.device, torch.float32))
+        return done
 
     def describe(self) -> str:
         """One line for the log."""
@@ -200,7 +171,3 @@ class FlatStrategy:
         return (f"{self.name}: {n:,} trainable elements in {buckets} bucket(s) of <= {self.policy.bucket_numel:,}; "
                 f"group {self.group!r}; grads accumulate in {str(self.policy.grad_dtype).replace('torch.', '')}"
                 f"{'; optimizer on host' if self.policy.offload_optimizer else ''}")
-
-    def extra_state(self) -> dict[str, Any]:
-        """Hook for checkpointing (filled in by the checkpoint package)."""
-        return {}

@@ -8,29 +8,17 @@ post-accumulate-grad hooks reduce-scatter a unit once all its gradients are read
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.utils._pytree as pytree
 
-from shardwise.zero.param_status import ZeroParamStatus
+from shardwise.zero.errors import BackwardOutsideEngineError, outside_engine_error  # noqa: F401 - re-exported
 from shardwise.zero.reducer import GradReducer
+from shardwise.zero.sharded_param import ZeroParameter  # noqa: F401 - defined there (with its state), once here
 
-
-class BackwardOutsideEngineError(RuntimeError):
-    """A gradient reached a ZeRO-managed parameter in a backward pass the engine did not arm: it would be
-    accumulated but never reduced (ranks would silently diverge)."""
-
-
-def outside_engine_error(shape: Any) -> BackwardOutsideEngineError:
-    """The error for a gradient of a parameter of ``shape`` arriving outside any armed backward pass."""
-    return BackwardOutsideEngineError(
-        f"a gradient reached a parameter of shape {tuple(shape)} in a backward pass the engine did not see start: "
-        "the loss was not computed from the engine's forward (engine(...)), e.g. engine.module(...) was called "
-        "directly, or the forward returned its tensors inside an object torch.utils._pytree cannot look into. Fix: "
-        "compute the loss from engine(...) outputs (then loss.backward() or engine.backward(loss) both work), "
-        "return tensors, tuples, dicts or dataclasses registered with torch.utils._pytree, or call "
-        "engine.backward(loss)")
+if TYPE_CHECKING:
+    from shardwise.zero.stage3 import Stage3Strategy
 
 
 def register_grad_hooks(reducer: GradReducer) -> list[Any]:
@@ -54,7 +42,7 @@ class _PreBackward(torch.autograd.Function):
     """Identity on a module's outputs whose backward gathers the module's units before its backward runs."""
 
     @staticmethod
-    def forward(ctx: Any, strategy: Any, units: list, *tensors: torch.Tensor) -> Any:
+    def forward(ctx: Any, strategy: Stage3Strategy, units: list, *tensors: torch.Tensor) -> Any:
         ctx.strategy, ctx.units = strategy, units
         # detach(): new tensor objects that callers may modify in place (a returned input could not be)
         out = tuple(t.detach() for t in tensors)
@@ -66,7 +54,7 @@ class _PreBackward(torch.autograd.Function):
         return (None, None, *grads)
 
 
-def wrap_for_backward(strategy: Any, units: list, output: Any) -> Any:
+def wrap_for_backward(strategy: Stage3Strategy, units: list, output: Any) -> Any:
     """Route the floating-point outputs that require grad through ``_PreBackward`` (nested structures kept)."""
     leaves, spec = pytree.tree_flatten(output)
     positions = [i for i, x in enumerate(leaves) if torch.is_tensor(x) and x.requires_grad and x.is_floating_point()]
@@ -80,7 +68,7 @@ def wrap_for_backward(strategy: Any, units: list, output: Any) -> Any:
     return pytree.tree_unflatten(leaves, spec)
 
 
-def register_stage3_hooks(strategy: Any) -> list[Any]:
+def register_stage3_hooks(strategy: Stage3Strategy) -> list[Any]:
     """Module pre/post-forward hooks on every module that uses sharded parameters, and gradient-ready hooks."""
     handles = []
     for module in list(strategy.module_units):
@@ -93,7 +81,7 @@ def register_stage3_hooks(strategy: Any) -> list[Any]:
     return handles
 
 
-def add_module_hooks(strategy: Any, module: torch.nn.Module) -> list[Any]:
+def add_module_hooks(strategy: Stage3Strategy, module: torch.nn.Module) -> list[Any]:
     """Fetch a module's units before its forward; release them and arm the pre-backward fetch after it."""
 
     def pre_forward(mod: torch.nn.Module, args: Any) -> None:
@@ -112,53 +100,8 @@ def add_module_hooks(strategy: Any, module: torch.nn.Module) -> list[Any]:
     return [module.register_forward_pre_hook(pre_forward), module.register_forward_hook(post_forward)]
 
 
-def _grad_ready_hook(strategy: Any, unit: Any, index: int):
+def _grad_ready_hook(strategy: Stage3Strategy, unit: Any, index: int):
     def hook(_param: Any) -> None:
         strategy.on_grad_ready(unit, index)
 
     return hook
-
-
-class ZeroParameter(torch.nn.Parameter):
-    """The class a ZeRO-3 parameter is switched to: DeepSpeed's ``ds_*`` attributes as read-only properties."""
-
-    @property
-    def ds_shape(self) -> torch.Size:
-        """The full shape (``.shape`` is ``(0,)`` while the parameter is released)."""
-        unit = self._sw_unit
-        return unit.shapes[self._sw_index]
-
-    @property
-    def ds_numel(self) -> int:
-        """Elements of the full parameter."""
-        return self.ds_shape.numel()
-
-    @property
-    def ds_status(self) -> ZeroParamStatus:
-        """``AVAILABLE`` when gathered, ``INFLIGHT`` while gathering, else ``NOT_AVAILABLE`` (equal to those
-        strings too)."""
-        return {"gathered": ZeroParamStatus.AVAILABLE, "gathering": ZeroParamStatus.INFLIGHT}.get(
-            self._sw_unit.state.value, ZeroParamStatus.NOT_AVAILABLE)
-
-    @property
-    def ds_id(self) -> int:
-        """A stable id: the unit id times 1000 plus the position inside the unit."""
-        unit = self._sw_unit
-        return unit.uid * 1000 + self._sw_index
-
-    @property
-    def ds_tensor(self) -> torch.Tensor:
-        """This rank's piece of the parameter, in the model dtype (1-D; may be empty)."""
-        frags = self._sw_strategy.fragments(self)
-        if not frags:
-            return torch.empty(0, dtype=self._sw_unit.dtype)
-        return frags[0].model
-
-
-def mark_zero3_param(param: torch.nn.Parameter, unit: Any, strategy: Any) -> None:
-    """Attach a parameter to its unit and give it the ``ds_*`` properties."""
-    param._sw_unit = unit
-    param._sw_index = next(i for i, p in enumerate(unit.params) if p is param)
-    param._sw_strategy = strategy
-    if type(param) is torch.nn.Parameter or isinstance(param, ZeroParameter):  # incl. zero.Init's subclass
-        param.__class__ = ZeroParameter

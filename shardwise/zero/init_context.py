@@ -20,15 +20,11 @@ from torch import nn
 
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
+from shardwise.comm.collectives import all_gather_padded
 from shardwise.comm.group import Group, as_group
-from shardwise.zero.hooks import ZeroParameter
+from shardwise.comm.shards import shard_bounds
 from shardwise.zero.param_status import ZeroParamStatus
-
-
-def _shard_bounds(numel: int, world: int, rank: int) -> tuple[int, int, int]:
-    per = -(-numel // world)
-    lo = min(numel, rank * per)
-    return lo, min(numel, lo + per), per
+from shardwise.zero.sharded_param import ZeroParameter, sharded
 
 
 def full_shape(param: nn.Parameter) -> torch.Size:
@@ -41,20 +37,14 @@ def full_param_values(param: nn.Parameter, group: Group) -> tuple[torch.Tensor, 
     shard = getattr(param, "_sw_init_shard", None)
     if shard is None:
         return param.data, False
-    shape, world = param._sw_init_shape, param._sw_init_world
-    numel = shape.numel()
-    per = -(-numel // world)
-    padded = torch.zeros(per, dtype=shard.dtype, device=shard.device)
-    padded[: shard.numel()] = shard
-    full = torch.empty(per * world, dtype=shard.dtype, device=shard.device)
-    comm.all_gather_into_tensor(full, padded, group=param._sw_init_group)
-    return full[:numel].view(shape), True
+    shape = param._sw_init_shape
+    return all_gather_padded(shard, shape.numel(), param._sw_init_group).view(shape), True
 
 
 class InitParameter(ZeroParameter):
     """The class a parameter built under ``zero.Init`` is switched to once partitioned: DeepSpeed's ``ds_*``
     attributes from construction on (Trainer and PEFT count parameters with ``ds_numel``), before any engine
-    exists. The engine later switches it to :class:`~shardwise.zero.hooks.ZeroParameter`."""
+    exists. The engine later switches it to :class:`~shardwise.zero.sharded_param.ZeroParameter`."""
 
     @property
     def ds_shape(self) -> torch.Size:
@@ -87,7 +77,7 @@ _next_init_id = 0
 
 
 def _shard_param(param: nn.Parameter, group: Group, dtype: torch.dtype | None, device: torch.device | None) -> None:
-    if hasattr(param, "_sw_init_shard") or hasattr(param, "_sw_unit"):
+    if hasattr(param, "_sw_init_shard") or sharded(param) is not None:
         return
     data = param.data
     if dtype is not None and data.is_floating_point():
@@ -95,7 +85,7 @@ def _shard_param(param: nn.Parameter, group: Group, dtype: torch.dtype | None, d
     if device is not None:
         data = data.to(device)
     comm.broadcast(data, src=group.global_rank(0), group=group)
-    lo, hi, _ = _shard_bounds(data.numel(), group.size, group.rank)
+    lo, hi, _ = shard_bounds(data.numel(), group.size, group.rank)
     param._sw_init_shard = data.reshape(-1)[lo:hi].clone()
     param._sw_init_shape = data.shape
     param._sw_init_world = group.size
@@ -243,7 +233,7 @@ class GatheredParameters:
                  enabled: bool = True) -> None:
         if isinstance(params, nn.Parameter) or torch.is_tensor(params):
             params = [params]
-        self.params = [p for p in (params or []) if hasattr(p, "_sw_unit") or hasattr(p, "_sw_init_shard")]
+        self.params = [p for p in (params or []) if sharded(p) is not None or hasattr(p, "_sw_init_shard")]
         self.modifier_rank = modifier_rank
         self.enabled = enabled and bool(self.params)
 
@@ -251,8 +241,9 @@ class GatheredParameters:
         if not self.enabled:
             return self.params
         for p in self.params:
-            if hasattr(p, "_sw_unit"):
-                p._sw_strategy.fetch([p._sw_unit])
+            state = sharded(p)
+            if state is not None:
+                state.strategy.fetch([state.unit])
             else:
                 values, _ = full_param_values(p, p._sw_init_group)
                 p.data = values.clone()
@@ -263,20 +254,22 @@ class GatheredParameters:
             return
         # every parameter is broadcast and written back before any unit is released (units hold several params)
         for p in self.params:
-            group = p._sw_unit.comm.group if hasattr(p, "_sw_unit") else p._sw_init_group
+            state = sharded(p)
+            group = state.unit.comm.group if state is not None else p._sw_init_group
             if self.modifier_rank is not None:
                 comm.broadcast(p.data, src=self.modifier_rank, group=group)
-                if hasattr(p, "_sw_unit"):
+                if state is not None:
                     _write_back(p)
                 else:
-                    lo, hi, _ = _shard_bounds(p.data.numel(), group.size, group.rank)
+                    lo, hi, _ = shard_bounds(p.data.numel(), group.size, group.rank)
                     p._sw_init_shard.copy_(p.data.reshape(-1)[lo:hi])
         released: list = []
         for p in self.params:
-            if hasattr(p, "_sw_unit"):
-                if p._sw_unit not in released:
-                    released.append(p._sw_unit)
-                    p._sw_strategy.release([p._sw_unit])
+            state = sharded(p)
+            if state is not None:
+                if state.unit not in released:
+                    released.append(state.unit)
+                    state.strategy.release([state.unit])
             else:
                 p.data = torch.empty(0, dtype=p.data.dtype, device=p.data.device)
 
@@ -285,7 +278,7 @@ class GatheredParameters:
 def _write_back(param: nn.Parameter) -> None:
     """Copy a gathered parameter's (modified) values into this rank's shard and fp32 master fragments."""
     flat = param.data.reshape(-1)
-    for frag in param._sw_strategy.fragments(param):
+    for frag in sharded(param).strategy.fragments(param):
         piece = flat[frag.start : frag.end]
         if frag.model is not None:
             frag.model.copy_(piece)
@@ -298,9 +291,9 @@ def register_external_parameter(module: nn.Module, parameter: nn.Parameter) -> N
     externals = module.__dict__.setdefault("_sw_external_params", [])
     if all(p is not parameter for p in externals):
         externals.append(parameter)
-    strategy = getattr(parameter, "_sw_strategy", None)
-    if strategy is not None:
-        strategy.register_external_units(module, [parameter._sw_unit])
+    state = sharded(parameter)
+    if state is not None:
+        state.strategy.register_external_units(module, [state.unit])
 
 
 def unregister_external_parameter(module: nn.Module, parameter: nn.Parameter) -> None:
@@ -311,7 +304,7 @@ def unregister_external_parameter(module: nn.Module, parameter: nn.Parameter) ->
 
 def is_zero3_param(param: Any) -> bool:
     """Whether ``param`` is partitioned by ZeRO-3 (or by ``zero.Init``)."""
-    return hasattr(param, "_sw_unit") or hasattr(param, "_sw_init_shard")
+    return sharded(param) is not None or hasattr(param, "_sw_init_shard")
 
 
 def gathered_param_list(params: Iterable[nn.Parameter]) -> list[nn.Parameter]:

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shardwise.comm.shards import round_up
+
 
 @dataclass(frozen=True)
 class ParamSlot:
@@ -93,10 +95,6 @@ class FlatLayout:
         return (slot.offset + element - bucket.start) // bucket.shard_size
 
 
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
 def build_layout(numels: list[int], bucket_numel: int, world: int, align: int = 16) -> FlatLayout:
     """Lay parameters out in order, closing a bucket once it reaches ``bucket_numel`` elements.
 
@@ -112,7 +110,7 @@ def build_layout(numels: list[int], bucket_numel: int, world: int, align: int = 
 
     def close() -> None:
         nonlocal start, offset, current
-        size = _round_up(max(offset - start, 1), world * align)
+        size = round_up(max(offset - start, 1), world * align)
         buckets.append(Bucket(len(buckets), start, size, tuple(current), world))
         start = offset = start + size
         current = []

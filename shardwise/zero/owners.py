@@ -10,14 +10,20 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch.utils.weak import WeakIdKeyDictionary
+
+from shardwise.zero.sharded_param import sharded
+
+if TYPE_CHECKING:
+    from shardwise.engine.strategy import ShardingStrategy
+
 
 _OWNERS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
-def register_owner(params: Iterable[Any], strategy: Any) -> None:
+def register_owner(params: Iterable[Any], strategy: ShardingStrategy) -> None:
     """Record that ``strategy`` manages every parameter in ``params`` (its ``fragments(p)`` answers for them)."""
     ref = weakref.ref(strategy)
     for p in params:
@@ -29,5 +35,6 @@ def owner_of(param: Any) -> Any | None:
     ref = _OWNERS.get(param)
     strategy = ref() if ref is not None else None
     if strategy is None:
-        strategy = getattr(param, "_sw_strategy", None)  # ZeRO-3 parameters carry their strategy
+        state = sharded(param)  # ZeRO-3 parameters hold their ShardedParam, which holds the strategy
+        strategy = state.strategy if state is not None else None
     return strategy

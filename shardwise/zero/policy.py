@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, None: None}
+from shardwise.config.dtypes import torch_dtype
 
 
 @dataclass(frozen=True)
@@ -72,7 +72,7 @@ def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str |
     if low_precision_master and (not low_precision or stage == 0 or bf16_optimizer):
         raise ValueError(f"16-bit master weights need a 16-bit model at ZeRO stage 1-3 without the BF16 optimizer "
                          f"(got {param_dtype}, stage {stage}, bf16_optimizer={bf16_optimizer})")
-    accum = _DTYPES[grad_accum_dtype] or (torch.float32 if bf16_optimizer else param_dtype)
+    accum = torch_dtype(grad_accum_dtype) or (torch.float32 if bf16_optimizer else param_dtype)
     if low_precision_master:
         accum = param_dtype
     if stage == 0 and bf16_optimizer:
@@ -94,7 +94,7 @@ def make_policy(stage: int, param_dtype: torch.dtype, *, grad_accum_dtype: str |
         use_master=low_precision or partitioned or offload_optimizer, overlap_comm=overlap_comm,
         use_reduce_scatter=reduce_scatter, bucket_numel=bucket_numel, max_inflight=4,
         offload_optimizer=offload_optimizer, pin_memory=pin_memory,
-        grads_are_param_views=not every and accum == param_dtype, comm_dtype=_DTYPES[comm_dtype],
+        grads_are_param_views=not every and accum == param_dtype, comm_dtype=torch_dtype(comm_dtype),
         master_dtype=param_dtype if low_precision_master else None,
     )
     return policy

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from shardwise.comm.shards import round_up
+
 BLOCK = 256
 
 
@@ -20,7 +22,7 @@ def block_for(n: int) -> int:
 
 def padded_len(n: int, block: int = BLOCK) -> int:
     """``n`` rounded up to a whole number of blocks."""
-    return -(-n // block) * block
+    return round_up(n, block)
 
 
 def quantize(x: torch.Tensor, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,6 +15,7 @@ import torch
 
 from shardwise import comm
 from shardwise.comm.group import Group
+from shardwise.zero.errors import outside_engine_error
 from shardwise.zero.flat_buffer import FlatGroup
 from shardwise.zero.policy import ZeroPolicy
 
@@ -50,6 +51,8 @@ class GradReducer:
     def begin_backward(self, reduce: bool) -> None:
         """Arm for one backward pass; ``reduce`` says whether this micro-step's gradients are communicated."""
         self._reduce_now = reduce or self.policy.reduce_every_micro_step
+        if self._armed:  # the previous pass never ended (backward raised): drop what it left half-filled
+            self._staging.clear()
         self._armed = True
         if self._reduce_now:
             self._launched.clear()
@@ -90,8 +93,6 @@ class GradReducer:
         g = self.groups[gi]
         p = g.params[pi]
         if not self._armed:
-            from shardwise.zero.hooks import outside_engine_error
-
             raise outside_engine_error(p.shape)
         grad = p.grad
         self._touched.add((gi, pi))

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from shardwise.zero.unit import UnitState
+from shardwise.zero.unit import ParamUnit, UnitState
+
+if TYPE_CHECKING:
+    from shardwise.zero.stage3 import Stage3Strategy
 
 
 class _SavedParamView:
@@ -29,7 +32,7 @@ class _SavedParamView:
 
     __slots__ = ("unit", "size", "stride", "offset", "dtype")
 
-    def __init__(self, unit: Any, t: torch.Tensor, base_offset: int) -> None:
+    def __init__(self, unit: ParamUnit, t: torch.Tensor, base_offset: int) -> None:
         self.unit = unit
         self.size, self.stride = t.size(), t.stride()
         self.offset = t.storage_offset() - base_offset
@@ -37,7 +40,7 @@ class _SavedParamView:
 
 
 @contextlib.contextmanager
-def saved_param_hooks(strategy: Any) -> Iterator[None]:
+def saved_param_hooks(strategy: Stage3Strategy) -> Iterator[None]:
     """Within the block, saved views of gathered (non-persistent) parameters are re-derived in backward."""
     units = strategy.param_unit
 

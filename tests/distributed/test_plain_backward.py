@@ -132,3 +132,41 @@ def _bypass(stage: int) -> str:
 @pytest.mark.parametrize("stage", [0, 2, 3])
 def test_loss_not_from_the_engine_forward_raises(stage: int) -> None:
     assert "engine(...)" in run_ranks(_bypass, stage)[0]
+
+
+def _after_failed_backward(stage: int, fail: bool) -> dict[str, torch.Tensor]:
+    """A plain backward that raises midway leaves no stale state: the next window trains as on a fresh engine."""
+    engine, _, _, _ = shardwise.initialize(model=tiny_mlp(seed=0), config=_cfg(stage))
+    rank = engine.topology.coord("dp")
+
+    class Boom(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            raise RuntimeError("boom")
+
+    if fail:  # the failure is inside the model, after the pass was armed (its epilogue never runs)
+        handle = engine.module[2].register_forward_hook(lambda _m, _i, out: Boom.apply(out))
+        x, y = rank_batch(0, rank)
+        with pytest.raises(RuntimeError, match="boom"):
+            torch.nn.functional.mse_loss(engine(x), y).backward()
+        handle.remove()
+        assert engine._plain_backward.hooked_pass  # the stale state the next forward must clear
+        engine.zero_grad()
+    for micro in range(GAS):
+        x, y = rank_batch(1, rank, micro)
+        torch.nn.functional.mse_loss(engine(x), y).backward()
+        engine.step()
+    with GatheredParameters(list(engine.module.parameters())):
+        return {k: v.detach().clone() for k, v in engine.module.state_dict().items()}
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+def test_a_failed_plain_backward_leaves_no_stale_state(stage: int) -> None:
+    failed, clean = run_ranks(_after_failed_backward, stage, True), run_ranks(_after_failed_backward, stage, False)
+    for rank in range(2):
+        for name, value in failed[rank].items():
+            assert torch.equal(value, clean[rank][name]), f"rank {rank} {name}"

@@ -66,32 +66,35 @@ def test_compat_package_installs_shardwise_as_deepspeed_and_refuses_to_shadow(tm
     assert report.returncode == 0, report.stderr
     line = next(x for x in report.stdout.splitlines() if x.startswith("import deepspeed gives"))
     assert "shardwise (distribution 0.19.8+shardwise.0.1.0" in line, line
-    # the launchers shardwise does not start: torchrun (Trainer) and `accelerate launch --use_deepspeed` (custom loop)
-    from tests.hf.conftest import ds_config, hf_env, run_script, save_tiny_llama
+    # the launchers shardwise does not start: torchrun (Trainer, ZeRO-3) and `accelerate launch --use_deepspeed`
+    # (custom loop, ZeRO-2). Loss equality with one process is tested through the shardwise launcher
+    # (test_trainer.py, test_accelerate.py); here, that these routes reach shardwise as one 2-rank job.
+    from tests.hf.conftest import ds_config, hf_env, save_tiny_llama
 
     model = save_tiny_llama(str(tmp_path / "model"))
     run_env = {**hf_env(), "PATH": f"{python.parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     cfg = tmp_path / "z3.json"
     cfg.write_text(json.dumps(ds_config(3)))
-    trainer = [str(python), "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               str(ROOT / "tests/hf/scripts/trainer_run.py"), "--model", model, "--batch", "2", "--deepspeed", str(cfg)]
-    ref = run_script("trainer_run.py", ["--model", model, "--out", str(tmp_path / "ref"), "--batch", "4"], tmp_path,
-                     ranks=None)
-    torchrun = _run([*trainer, "--out", str(tmp_path / "torchrun")], run_env, tmp_path / "torchrun")
-    assert torchrun["world"] == 2 and torchrun["zero_init"]
-    assert all(abs(x - y) < 1e-5 for x, y in zip(torchrun["losses"], ref["losses"])), (torchrun, ref)
+    torchrun = _run([str(python), "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                     str(ROOT / "tests/hf/scripts/trainer_run.py"), "--model", model, "--batch", "2", "--deepspeed",
+                     str(cfg), "--out", str(tmp_path / "torchrun")], run_env, tmp_path / "torchrun")
+    assert torchrun["world"] == 2 and torchrun["zero_init"] and len(torchrun["losses"]) == 4
+    assert abs(torchrun["losses"][0] - FIRST_TRAINER_LOSS) < 1e-5, torchrun["losses"]
     acc_cfg = tmp_path / "acc.json"
     acc_cfg.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": 1,
                                    "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}}))
-    (tmp_path / "acc_ref").mkdir()
     (tmp_path / "acc").mkdir()
-    acc_ref = run_script("accelerate_loop.py", ["--model", model, "--out", str(tmp_path / "acc_ref"), "--batch", "4"],
-                         tmp_path, ranks=None)
     launched = _run([str(python), "-m", "accelerate.commands.launch", "--use_deepspeed", "--num_processes", "2",
                      "--deepspeed_config_file", str(acc_cfg), str(ROOT / "tests/hf/scripts/accelerate_loop.py"),
                      "--model", model, "--batch", "2", "--out", str(tmp_path / "acc")], run_env, tmp_path / "acc")
-    assert launched["world"] == 2
-    assert all(abs(x - y) < 1e-5 for x, y in zip(launched["losses"], acc_ref["losses"])), (launched, acc_ref)
+    assert launched["world"] == 2 and launched["losses"][2:4] == launched["losses"][4:6]
+    assert abs(launched["losses"][0] - FIRST_LOOP_LOSS) < 1e-5, launched["losses"]
+
+
+# First losses (before any update) of the tiny Llama on the scripts' data, as one process computes them: a job split
+# into one-rank worlds would see other batches.
+FIRST_TRAINER_LOSS = 4.168299674987793
+FIRST_LOOP_LOSS = 4.15767765045166
 
 
 def _run(cmd: list[str], env: dict[str, str], out: Path) -> dict:

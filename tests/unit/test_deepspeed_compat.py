@@ -225,3 +225,15 @@ def test_schedules_refuse_zero_step_sizes() -> None:
         OneCycle(opt, cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=0)
     with pytest.raises(ValueError, match=r"cycle_second_step_size=0 must be a positive"):
         OneCycle(opt, cycle_min_lr=0.01, cycle_max_lr=0.1, cycle_first_step_size=4, cycle_second_step_size=0)
+
+
+def test_cpu_device_count_is_the_local_rank_count(monkeypatch) -> None:
+    from shardwise.accelerator.cpu import CpuAccelerator
+
+    monkeypatch.delenv("LOCAL_SIZE", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert CpuAccelerator().device_count() == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert CpuAccelerator().device_count() == 2
+    monkeypatch.setenv("LOCAL_SIZE", "4")
+    assert CpuAccelerator().device_count() == 4

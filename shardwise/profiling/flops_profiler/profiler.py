@@ -73,7 +73,7 @@ def _sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, 
 
 
 def _numel(p: torch.Tensor) -> int:
-    from shardwise.zero.hooks import ZeroParameter
+    from shardwise.zero.sharded_param import ZeroParameter
 
     return p.ds_numel if isinstance(p, ZeroParameter) else p.numel()  # ZeRO-3: the full size, not the shard
 
