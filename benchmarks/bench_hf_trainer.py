@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -60,7 +61,7 @@ def _env(pythonpath: str | None) -> dict[str, str]:
 
 def _run(name: str, cmd: list[str], env: dict[str, str], out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
-    proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(cmd, env=env, cwd=out, capture_output=True, text=True, timeout=900)
     if proc.returncode != 0:
         raise SystemExit(f"{name} failed ({proc.returncode}): {' '.join(cmd)}\n{proc.stderr[-4000:]}")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
@@ -92,18 +93,24 @@ def main(argv: list[str] | None = None) -> int:
                                "zero_optimization": {"stage": 2}, "bf16": {"enabled": "auto"}}))
     common = [str(WORKER), "--model", str(tmp / "model"), "--batch", str(BATCH), "--seq", str(seq),
               "--steps", str(steps)]
-    torchrun = ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0"]
+    def torchrun() -> list[str]:
+        with socket.socket() as sock:  # a free port for this run's rendezvous
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return ["-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+                "--master_port", str(port)]
+
     rows = [_run("Trainer + shardwise (ZeRO-2)",
                  [sys.executable, "-m", "shardwise.launcher.cli", "--num_gpus", "2", *common, "--out",
                   str(tmp / "shardwise"), "--deepspeed", str(cfg)], _env(str(ROOT)), tmp / "shardwise")]
     ds_python = _deepspeed_python(args.deepspeed_python)
     if ds_python:
         rows.append(_run("Trainer + DeepSpeed 0.19.8 (ZeRO-2)",
-                         [ds_python, *torchrun, *common, "--out", str(tmp / "deepspeed"), "--deepspeed", str(cfg)],
+                         [ds_python, *torchrun(), *common, "--out", str(tmp / "deepspeed"), "--deepspeed", str(cfg)],
                          _env(None), tmp / "deepspeed"))
     else:
         print("no DeepSpeed environment (--deepspeed-python / DEEPSPEED_PYTHON): DeepSpeed row skipped")
-    rows.append(_run("Trainer FSDP2 (full_shard)", [sys.executable, *torchrun, *common, "--out", str(tmp / "fsdp"),
+    rows.append(_run("Trainer FSDP2 (full_shard)", [sys.executable, *torchrun(), *common, "--out", str(tmp / "fsdp"),
                                                     "--fsdp"], _env(None), tmp / "fsdp"))
     tokens = 2 * BATCH * seq
     lines = [f"Llama {n_params / 1e6:.2f}M parameters, 2 CPU ranks x 1 thread, global batch {2 * BATCH} x {seq} "

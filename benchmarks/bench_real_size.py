@@ -91,7 +91,8 @@ def markdown(results: list[dict], command: str) -> str:
                 "loss gap | load (before/after) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
         for r in group:
             if "error" in r:
-                reason = r["error"].strip().splitlines()[-1][:120].replace("|", "/")
+                lines = [x for x in r["error"].strip().splitlines() if x.strip(" =-")]
+                reason = (lines[-1] if lines else "?")[:120].replace("|", "/")
                 out.append(f"| {r['label']} | failed: {reason} | | | | | | |")
                 continue
             rss = " / ".join(f"{b / 2**20:.0f}" for b in r["peak_rss_bytes"])

@@ -24,6 +24,9 @@ SECTIONS = [  # (heading, results file, the command that produces it)
     ("Inference", "inference.md", "python benchmarks/bench_inference.py"),
     ("16-bit master weights", "low_precision.md", "python benchmarks/bench_low_precision.py"),
     ("Deterministic mode", "determinism.md", "python benchmarks/bench_determinism.py"),
+    ("Hugging Face Trainer backends", "hf_trainer.md", "python benchmarks/bench_hf_trainer.py"),
+    ("Real sizes (issue 22)", "real_sizes_issue22.md",
+     "python benchmarks/bench_nvme_large.py; python benchmarks/bench_real_size.py"),
 ]
 
 

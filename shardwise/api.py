@@ -56,7 +56,7 @@ def initialize(
     comm.init_distributed(distributed_port=distributed_port, dist_init_required=dist_init_required,
                           timeout=comms_timeout(raw))
     topology = _topology(raw, model, mpu, mesh_param)
-    cfg = load_config(_autotp_world_batch(raw, source, topology, mpu), dp_world_size=topology.size("dp"))
+    cfg = load_config(_autotp_world_batch(raw, source, topology, model, mpu), dp_world_size=topology.size("dp"))
     _apply_autotp(model, cfg, topology)
     comm.configure(cfg.comms_logger)
     check_backends(cfg)  # a monitor whose package is missing fails here, on every rank, before any work
@@ -138,14 +138,14 @@ def _autotp_topology(model: Any, autotp: int, mpu: Any, sp: int) -> Topology | N
     return Topology(tp=autotp)
 
 
-def _is_ulysses_mpu(mpu: object) -> bool:
+def _is_ulysses_mpu(mpu: Any) -> bool:
     """Whether ``mpu`` is the one ``UlyssesSPAttentionHF.register_with_transformers`` returned."""
     from shardwise.sp.hf_registry import active_mpu
 
     return mpu is active_mpu()
 
 
-def _autotp_world_batch(raw: dict[str, Any], source: Any, topology: Topology, mpu: object) -> Any:
+def _autotp_world_batch(raw: dict[str, Any], source: Any, topology: Topology, model: Any, mpu: Any) -> Any:
     """The config source, with ``train_batch_size`` restated per data-parallel rank when it was written the way
     DeepSpeed checks it under AutoTP.
 
@@ -153,12 +153,18 @@ def _autotp_world_batch(raw: dict[str, Any], source: Any, topology: Topology, mp
     micro x accumulation x the *world* size, tensor ranks included; Hugging Face Trainer and Accelerate fill
     ``"auto"`` that way (``world_size x per_device x accumulation``). Tensor ranks share their batch, so the samples
     per step are micro x accumulation x data-parallel size: that is what the engine uses. Any other mismatch is left
-    for ``load_config`` to report."""
+    for ``load_config`` to report. Only AutoTP's grid is restated (a PipelineModule's or an mpu's tensor axis is
+    Megatron-style, where DeepSpeed counts data-parallel ranks only), and only when all three batch keys are written
+    (as Trainer and Accelerate write them): with one left out, ``load_config`` derives it from the other two."""
+    from shardwise.tp.autotp import applied_topology
+
     tp = topology.size("tp")
-    if tp <= 1 or mpu is not None:
+    if tp <= 1 or mpu is not None or _is_pipeline_module(model):
+        return source
+    if autotp_size(raw) <= 1 and not (isinstance(model, nn.Module) and applied_topology(model) is not None):
         return source
     tbs, micro = raw.get("train_batch_size"), raw.get("train_micro_batch_size_per_gpu")
-    gas = raw.get("gradient_accumulation_steps", 1)
+    gas = raw.get("gradient_accumulation_steps")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in (tbs, micro, gas)):
         return source
     dp = topology.size("dp")

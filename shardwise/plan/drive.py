@@ -4,8 +4,9 @@ The engine's own forward, its strategy's backward hooks and reductions, the pipe
 unchanged; collectives go through ``shardwise.comm`` to the fake backend, so the comms log records each one with
 its true size and group. Three stand-ins, each because a meta tensor has no value:
 
-* the loss is never read (``Engine.backward`` logs ``float(loss)``): ``_micro_step`` does what it does around
-  autograd (``strategy.begin_backward`` / ``loss.backward()`` / ``strategy.end_backward``);
+* the loss is never read (``Engine.backward`` logs ``float(loss)``): ``_micro_step`` calls a plain
+  ``loss.backward()`` with the accumulation boundary set through ``set_gradient_accumulation_boundary``, so the
+  engine's backward hooks (``engine/backward_hooks.py``) begin and end the pass as they do for a user's;
 * the optimizer step (``_meta_step``) is ``Engine._take_model_step`` without reading the gradient norm: the same
   norm all-reduces, ``scale_grads``, ``optimizer_step`` (the real optimizer, whose state is allocated on meta),
   ``zero_grad``;
@@ -110,13 +111,14 @@ def _allow_meta_host_optimizer(optimizer: Any) -> None:
 
 
 def _micro_step(engine: Engine, batch: tuple, boundary: bool, rec: Recorder, weight: float) -> None:
-    s = engine.strategy
     with rec.phase("forward", weight):
         loss = engine(*batch)
     with rec.phase("backward", weight):
-        s.begin_backward(boundary)
-        loss.backward()
-        s.end_backward()
+        engine.set_gradient_accumulation_boundary(boundary)  # the engine's own backward hooks begin and end the
+        try:  # pass (engine/backward_hooks.py), as for a user's plain loss.backward()
+            loss.backward()
+        finally:
+            engine.set_gradient_accumulation_boundary(None)
 
 
 def run_window(engine: Engine, batch: tuple, gas: int, rec: Recorder, distinct_middle: bool = False) -> None:

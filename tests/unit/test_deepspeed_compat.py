@@ -237,3 +237,18 @@ def test_cpu_device_count_is_the_local_rank_count(monkeypatch) -> None:
     assert CpuAccelerator().device_count() == 2
     monkeypatch.setenv("LOCAL_SIZE", "4")
     assert CpuAccelerator().device_count() == 4
+
+
+def test_ds_to_universal_copies_a_committed_checkpoint(tmp_path: Path) -> None:
+    from shardwise.checkpoint.ds_to_universal import main
+
+    tag = tmp_path / "ckpt" / "global_step2"
+    tag.mkdir(parents=True)
+    (tag / "manifest.json").write_text("{}")
+    (tag / "rank00000-ab.safetensors").write_bytes(b"x")
+    out = tmp_path / "ckpt" / "global_step2_universal"
+    assert main(["--input_folder", str(tag), "--output_folder", str(out), "--num_extract_workers", "4"]) == 0
+    assert (out / "rank00000-ab.safetensors").read_bytes() == b"x"
+    assert (tmp_path / "ckpt" / "latest_universal").read_text() == "global_step2_universal"
+    assert main(["--input_folder", str(tag), "--output_folder", str(out)]) == 2  # exists
+    assert main(["--input_folder", str(tmp_path), "--output_folder", str(tmp_path / "o")]) == 2  # no manifest
