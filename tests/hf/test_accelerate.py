@@ -38,6 +38,7 @@ def test_accelerate_loop_matches_single_process(stage: int, tiny_llama: str, ref
     got = run_script("accelerate_loop.py", ["--model", tiny_llama, "--out", str(out), "--batch", "2"], tmp_path,
                      config=_config(stage))
     assert got["world"] == 2 and len(got["losses"]) == 6
+    assert got["engine"] == "shardwise.engine.engine.Engine", got["engine"]  # the DeepSpeed engine, not DDP
     for key in ("losses", "norms"):
         assert all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(got[key], ref[key])), (key, got, ref)
     assert got["losses"][2:4] == got["losses"][4:6], "steps after load_state differ from the first time"

@@ -88,6 +88,7 @@ def test_compat_package_installs_shardwise_as_deepspeed_and_refuses_to_shadow(tm
                      "--deepspeed_config_file", str(acc_cfg), str(ROOT / "tests/hf/scripts/accelerate_loop.py"),
                      "--model", model, "--batch", "2", "--out", str(tmp_path / "acc")], run_env, tmp_path / "acc")
     assert launched["world"] == 2 and launched["losses"][2:4] == launched["losses"][4:6]
+    assert launched["engine"] == "shardwise.engine.engine.Engine", launched["engine"]
     assert abs(launched["losses"][0] - FIRST_LOOP_LOSS) < 1e-5, launched["losses"]
 
 

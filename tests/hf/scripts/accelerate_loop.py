@@ -7,7 +7,7 @@ import json
 import os
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DeepSpeedPlugin, set_seed
 from transformers import LlamaForCausalLM
 
@@ -28,7 +28,13 @@ def main() -> None:
     a = p.parse_args()
     set_seed(7)
     plugin = DeepSpeedPlugin(hf_ds_config=a.deepspeed) if a.deepspeed else None
-    accelerator = Accelerator(deepspeed_plugin=plugin, cpu=True)
+    if plugin is None:
+        accelerator = Accelerator(cpu=True)
+    else:
+        # CPU-only machine: make the distributed state with cpu=True first (as Trainer's use_cpu=True does);
+        # Accelerator(cpu=True, deepspeed_plugin=...) would silently drop DeepSpeed and run plain DDP.
+        PartialState(cpu=True)
+        accelerator = Accelerator(deepspeed_plugin=plugin)
     model = LlamaForCausalLM.from_pretrained(a.model, dtype=torch.float32)
     data = torch.utils.data.DataLoader(batches(32, 16, model.config.vocab_size), batch_size=a.batch, shuffle=False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.01)
@@ -60,7 +66,8 @@ def main() -> None:
     if accelerator.is_main_process:
         torch.save({k: v.detach().cpu().clone() for k, v in state.items()}, os.path.join(a.out, "state_dict.pt"))
         with open(os.path.join(a.out, "result.json"), "w") as f:
-            json.dump({"losses": losses, "norms": norms, "skipped": skipped, "world": accelerator.num_processes}, f)
+            json.dump({"losses": losses, "norms": norms, "skipped": skipped, "world": accelerator.num_processes,
+                       "engine": f"{type(model).__module__}.{type(model).__name__}"}, f)
 
 
 if __name__ == "__main__":
