@@ -10,8 +10,16 @@ exit code 134) after the script's work was done. Measured with plain torch 2.13 
 4 aborts in 30 two-rank runs of a script ending right after an all-gather; 0 in 30 with the process group
 destroyed first. ``destroy_process_group()`` joins those threads while the interpreter is whole.
 
+``destroy_process_group()`` alone does not close the window: it unregisters the groups, but a group object that
+Python still references keeps its worker threads, and a worker can still be releasing the script's last
+collective when finalisation starts (seen with gdb on a core: ``AsyncAllgatherWork``'s destructor in
+``ProcessGroupGloo::runLoop`` waiting for the GIL inside ``Py_FinalizeEx``; 3 aborts in 12 two-rank runs of
+``examples/train_gpt.py``, whose last collective is a checkpoint all-gather). So the exit handler first sleeps
+``SETTLE_SECONDS`` with the GIL released, letting the workers finish releasing while the interpreter is whole.
+
 So ``init_distributed`` registers :func:`_destroy_at_exit` (once): at exit, if torch.distributed is still up and
-the script did not end with an uncaught exception, the process groups are destroyed. After an uncaught exception
+the script did not end with an uncaught exception, the workers are given time to settle and the process groups
+are destroyed. After an uncaught exception
 it does nothing: destroying a group waits for its pending collectives, and a peer that is alive but stuck would
 keep this failed rank from exiting, and the launcher from noticing the failure, until the collective timeout.
 """
@@ -21,6 +29,7 @@ from __future__ import annotations
 import atexit
 import logging
 import sys
+import time
 import types
 
 import torch.distributed as dist
@@ -30,6 +39,7 @@ __all__ = ["register"]
 logger = logging.getLogger("shardwise.comm")
 
 _state = {"registered": False, "uncaught": False}
+SETTLE_SECONDS = 0.25  # see [Note: teardown abort]: long enough for a descheduled worker on a busy machine
 
 
 def _note_uncaught(previous):
@@ -43,6 +53,7 @@ def _note_uncaught(previous):
 def _destroy_at_exit() -> None:
     if _state["uncaught"] or not dist.is_initialized():
         return
+    time.sleep(SETTLE_SECONDS)  # GIL released: gloo's workers let go of their last finished collectives now
     try:
         dist.destroy_process_group()
     except Exception as err:  # exiting anyway: say why the groups could not be torn down, never raise here
