@@ -28,7 +28,9 @@ def main() -> None:
     a = p.parse_args()
     set_seed(7)
     plugin = DeepSpeedPlugin(hf_ds_config=a.deepspeed) if a.deepspeed else None
-    if plugin is None:
+    # `accelerate launch --use_deepspeed` passes the plugin through the environment instead of --deepspeed
+    launched_with_deepspeed = os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true"
+    if plugin is None and not launched_with_deepspeed:
         accelerator = Accelerator(cpu=True)
     else:
         # CPU-only machine: make the distributed state with cpu=True first (as Trainer's use_cpu=True does);
