@@ -13,11 +13,11 @@ from torch import nn
 
 from shardwise import comm
 from shardwise.comm.topology import Topology
+from shardwise.common.logging import log_dist
 from shardwise.config import add_config_arguments, autotp_size, load_config, read_config_dict, sequence_parallel_size
 from shardwise.config.errors import ConfigError
 from shardwise.config.schema_comms import comms_timeout
 from shardwise.monitor.utils import check_backends
-from shardwise.utils.logging import log_dist
 
 __all__ = ["initialize", "add_config_arguments"]
 

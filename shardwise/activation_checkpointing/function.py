@@ -30,8 +30,8 @@ from shardwise.accelerator import get_accelerator
 from shardwise.activation_checkpointing import settings as cfg
 from shardwise.activation_checkpointing.buffers import release_contiguous_buffers
 from shardwise.activation_checkpointing.storage import Stash
+from shardwise.common.logging import log_dist
 from shardwise.tp.random import get_cuda_rng_tracker
-from shardwise.utils.logging import log_dist
 
 # -- RNG states -------------------------------------------------------------------------------------------------
 

@@ -14,8 +14,8 @@ from typing import Any
 from shardwise.activation_checkpointing.buffers import CheckpointingConfigError, release_contiguous_buffers
 from shardwise.comm.foreign_mpu import tensor_group_of
 from shardwise.comm.group import Group
+from shardwise.common.logging import log_dist
 from shardwise.tp import random as tp_random
-from shardwise.utils.logging import log_dist
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from shardwise.checkpoint.commit import SaveJob
 from shardwise.checkpoint.errors import CheckpointError
-from shardwise.utils.logging import logger
+from shardwise.common.logging import logger
 
 if TYPE_CHECKING:
     from shardwise.engine.engine import Engine

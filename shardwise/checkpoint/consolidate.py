@@ -36,7 +36,7 @@ from shardwise.checkpoint.files import (
     write_safetensors,
 )
 from shardwise.checkpoint.safety import atomic_write_json
-from shardwise.utils.progress import progress
+from shardwise.common.progress import progress
 
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
           "GIB": 2**30, "TIB": 2**40}

@@ -28,7 +28,7 @@ from shardwise.checkpoint.errors import (
 )
 from shardwise.checkpoint.files import MANIFEST, CheckpointReader, TensorSpec, read_latest, write_safetensors
 from shardwise.checkpoint.safety import atomic_file
-from shardwise.utils.logging import log_dist, logger
+from shardwise.common.logging import log_dist, logger
 
 if TYPE_CHECKING:
     from shardwise.engine.engine import Engine

@@ -31,7 +31,7 @@ import torch
 from shardwise.checkpoint import manifest_check, regions
 from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointError, CheckpointIncompleteError
 from shardwise.checkpoint.safety import HashingWriter, atomic_file, check_size, fault_point, verify_file
-from shardwise.utils.progress import progress
+from shardwise.common.progress import progress
 
 FORMAT = "shardwise-checkpoint"
 VERSION = 1

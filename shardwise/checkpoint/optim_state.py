@@ -16,7 +16,7 @@ import torch
 from shardwise.checkpoint import codec
 from shardwise.checkpoint.errors import CheckpointError
 from shardwise.checkpoint.files import dtype_from_name, dtype_name
-from shardwise.utils.logging import logger
+from shardwise.common.logging import logger
 
 
 def _held(basic: torch.optim.Optimizer) -> list[list[torch.Tensor]]:

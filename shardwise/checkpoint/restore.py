@@ -17,8 +17,8 @@ import torch
 from shardwise.checkpoint import codec, model_view, optim_state, rng
 from shardwise.checkpoint.errors import CheckpointCorruptError, CheckpointError
 from shardwise.checkpoint.files import WEIGHT_KINDS, CheckpointReader
-from shardwise.utils.logging import logger
-from shardwise.utils.progress import progress
+from shardwise.common.logging import logger
+from shardwise.common.progress import progress
 
 if TYPE_CHECKING:
     from shardwise.engine.engine import Engine

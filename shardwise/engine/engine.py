@@ -21,6 +21,7 @@ from torch import nn
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.topology import Topology
+from shardwise.common.logging import log_dist, logger
 from shardwise.config import ShardwiseConfig
 from shardwise.data.engine_api import DataEfficiencyMixin
 from shardwise.engine import model_parallel
@@ -32,7 +33,6 @@ from shardwise.engine.precision import DynamicLossScaler, NoScaler, cast_inputs_
 from shardwise.engine.step_log import StepLog
 from shardwise.engine.strategy import ShardingStrategy
 from shardwise.monitor.training import TrainingObserver
-from shardwise.utils.logging import log_dist, logger
 from shardwise.utils.timers import Timers
 
 

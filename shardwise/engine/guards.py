@@ -21,7 +21,7 @@ import torch
 
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
-from shardwise.utils.logging import logger
+from shardwise.common.logging import logger
 
 if TYPE_CHECKING:
     from shardwise.config import ShardwiseConfig

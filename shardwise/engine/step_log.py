@@ -16,7 +16,7 @@ import torch
 
 from shardwise import comm
 from shardwise.accelerator import get_accelerator
-from shardwise.utils.logging import logger
+from shardwise.common.logging import logger
 
 
 class StepLog:

@@ -26,11 +26,11 @@ from shardwise import comm
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.group import Group, as_group
 from shardwise.comm.init import oversubscription_hint
+from shardwise.common.logging import human_bytes, log_dist
 from shardwise.inference import autotp, loader
 from shardwise.inference.buffers import finalize_buffers
 from shardwise.inference.collectives import make_collectives
 from shardwise.inference.config import DeepSpeedInferenceConfig
-from shardwise.utils.logging import human_bytes, log_dist
 
 
 @dataclass

@@ -34,7 +34,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shardwise.utils.progress import progress
+from shardwise.common.progress import progress
 
 #: tensor data read through one safetensors mapping before it is closed and reopened (see the module docstring);
 #: 32 MiB keeps the resident part of the mapping small next to a shard, and reopening costs one header parse

@@ -38,7 +38,7 @@ class LayerSpec:
     def build(self, log: bool = False) -> nn.Module:
         """Construct the layer."""
         if log:
-            from shardwise.utils.logging import logger
+            from shardwise.common.logging import logger
 
             logger.info("building %r", self)
         return self.typename(*self.module_args, **self.module_kwargs)

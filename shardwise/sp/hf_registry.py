@@ -28,11 +28,11 @@ from torch import nn
 
 from shardwise.comm.group import Group
 from shardwise.comm.topology import Topology
+from shardwise.common.logging import logger
 from shardwise.sp.hf_attention import SUPPORTED_IMPLEMENTATIONS, model_eager_function
 from shardwise.sp.hf_masks import FullSequence
 from shardwise.tp.mappings import all_gather_dim
 from shardwise.tp.mpu import ModelParallelUnit
-from shardwise.utils.logging import logger
 
 if TYPE_CHECKING:  # the wrapper class calls into this module; the class itself is passed in as ``cls``
     from shardwise.sp.hf_ulysses import UlyssesSPAttentionHF

@@ -31,11 +31,11 @@ import torch
 from torch import nn
 
 from shardwise.comm.topology import Topology
+from shardwise.common.logging import log_dist
 from shardwise.tp import architectures as A
 from shardwise.tp.layers import ColumnParallelLinear, RowParallelLinear
 from shardwise.tp.partition import partition_sizes
 from shardwise.tp.resolve import ResolveError, grain_of, head_info, resolve_projections
-from shardwise.utils.logging import log_dist
 
 #: attention attributes of a model without a table entry (LLaMA-like naming)
 DEFAULT_HEAD_ATTRS = {"num_heads": "heads", "num_key_value_heads": "kv_heads", "num_key_value_groups": "kv_groups"}

@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from shardwise.accelerator import get_accelerator
 from shardwise.comm.foreign_mpu import tensor_rank_of
-from shardwise.utils.logging import log_dist
+from shardwise.common.logging import log_dist
 
 MODEL_PARALLEL_RNG = "model-parallel-rng"
 _MODEL_PARALLEL_RNG_TRACKER_NAME = MODEL_PARALLEL_RNG  # DeepSpeed's name for it

@@ -1,6 +1,6 @@
 """Utilities users import from ``deepspeed.utils``: logging, ZeRO inspection helpers, RepeatingLoader."""
 
-from shardwise.utils.logging import log_dist, logger
+from shardwise.common.logging import log_dist, logger
 from shardwise.utils.repeating_loader import RepeatingLoader
 from shardwise.utils.zero_inspect import (
     safe_get_full_fp32_param,
@@ -21,7 +21,7 @@ from shardwise.utils.zero_inspect import (
 
 def __getattr__(name: str):
     # Lazy: zero_to_fp32 imports checkpoint/, which imports utils.progress; loading it eagerly here would make
-    # ``import shardwise.utils.progress`` from inside checkpoint/ a cycle.
+    # ``import shardwise.common.progress`` from inside checkpoint/ a cycle.
     if name == "zero_to_fp32":
         import importlib
 

@@ -94,7 +94,7 @@ def print_memory_breakdown(engine: Engine, peak_bytes: float, title: str = "memo
     """Gather every rank's row and print the table on rank 0; returns the rows (bytes) on every rank."""
     rows = memory_breakdown_rows(engine, peak_bytes)
     if comm.get_rank() == 0:
-        from shardwise.utils.logging import logger
+        from shardwise.common.logging import logger
 
         logger.info("%s", format_breakdown(rows, title))
     return rows

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from shardwise.utils.logging import logger
+from shardwise.common.logging import logger
 
 
 def _matches(module: nn.Module, classes: list[type | str]) -> bool:

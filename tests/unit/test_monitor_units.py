@@ -11,13 +11,13 @@ import types
 
 import pytest
 
+from shardwise.common.progress import progress
 from shardwise.config import ConfigError, load_config
 from shardwise.monitor import MonitorMaster, check_backends
 from shardwise.monitor import utils as monitor_utils
 from shardwise.monitor.comet import EventsLogScheduler
 from shardwise.monitor.config import get_monitor_config
 from shardwise.monitor.csv_monitor import csvMonitor, event_file_name
-from shardwise.utils.progress import progress
 
 BASE = {"train_batch_size": 4}
 

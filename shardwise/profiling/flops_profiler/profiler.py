@@ -29,8 +29,8 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from shardwise.accelerator import get_accelerator
+from shardwise.common.logging import logger
 from shardwise.profiling.flops_profiler import report
-from shardwise.utils.logging import logger
 
 
 @dataclass
