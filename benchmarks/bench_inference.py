@@ -177,7 +177,7 @@ def _free_port() -> int:
 
 def launch(spec: dict, timeout: float) -> list[dict]:
     """Run ``spec`` on ``spec['tp']`` fresh processes; the RESULT lines of rank 0."""
-    python = str(DS_PYTHON) if spec["framework"] == "deepspeed" else sys.executable
+    python = spec.get("python") or sys.executable
     tp, port = spec["tp"], _free_port()
     procs = []
     for rank in range(tp):
@@ -254,13 +254,18 @@ def main() -> None:
     parser.add_argument("--frameworks", default="hf,shardwise,deepspeed")
     parser.add_argument("--cores", type=int, default=min(2, os.cpu_count() or 1))
     parser.add_argument("--output", default=str(HERE / "results" / "inference.md"))
+    parser.add_argument("--batches", default="1,8", help="comma list of batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=None, help="tokens per generate() (default 32; 155M: 16)")
+    parser.add_argument("--repeats", type=int, default=None, help="generate() calls per batch (default 5; 155M: 2)")
+    parser.add_argument("--ds-python", type=Path, default=DS_PYTHON, help="a venv's python with deepspeed 0.19.8")
     args = parser.parse_args()
     if args.worker:
         return worker(json.loads(args.worker))
     models = args.models.split(",") if args.models else (["llama-tiny"] if args.quick else list(MODELS))
     frameworks = args.frameworks.split(",")
-    if "deepspeed" in frameworks and not DS_PYTHON.exists():
-        print(f"DeepSpeed rows skipped: {DS_PYTHON} not found (run benchmarks/setup_deepspeed_env.sh)")
+    batches = [int(b) for b in args.batches.split(",")]
+    if "deepspeed" in frameworks and not args.ds_python.exists():
+        print(f"DeepSpeed rows skipped: {args.ds_python} not found (run benchmarks/setup_deepspeed_env.sh)")
         frameworks.remove("deepspeed")
     rows: list[dict] = []
     for model in models:
@@ -274,8 +279,10 @@ def main() -> None:
                                                                      [(2, max(1, args.cores // 2))])
                 for tp, threads in runs:
                     spec = {"model": model, "path": path, "dtype": dtype, "framework": framework, "tp": tp,
-                            "threads": threads, "batches": [1, 8], "new_tokens": 16 if big else 32,
-                            "repeats": 2 if args.quick or big else 5}
+                            "threads": threads, "batches": batches,
+                            "python": str(args.ds_python) if framework == "deepspeed" else sys.executable,
+                            "new_tokens": args.new_tokens or (16 if big else 32),
+                            "repeats": args.repeats or (2 if args.quick or big else 5)}
                     print(f"{model} {dtype} {framework} tp={tp} threads={threads} ...", flush=True)
                     got = launch(spec, timeout=1800)
                     rows += got

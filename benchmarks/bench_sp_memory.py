@@ -123,6 +123,7 @@ def main(argv: list[str] | None = None) -> str:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="short sequences (checks the benchmark works)")
     ap.add_argument("--seqs", type=int, nargs="*", help="sequence lengths (default 1K-16K, quick 256-1K)")
+    ap.add_argument("--modes", nargs="*", choices=list(MODES), help="modes to measure (default: all four)")
     ap.add_argument("--budget-mb", type=float, help="also find the longest sequence per mode within this budget")
     ap.add_argument("--output", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
@@ -133,7 +134,8 @@ def main(argv: list[str] | None = None) -> str:
              "| seq | mode | peak MB / rank | full logits MB / rank | step s | loss |",
              "|---:|---|---:|---:|---:|---:|"]
     for seq in seqs:
-        for mode, (sp, _) in MODES.items():
+        for mode in args.modes or MODES:
+            sp = MODES[mode][0]
             r = measure(seq, mode)
             logits = seq // sp * MODEL["vocab_size"] * 4
             lines.append(f"| {seq} | {mode} | {_mb(r['peak'])} | {_mb(logits)} | {r['time']:.2f} | "
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> str:
         lines += ["", f"Longest sequence (power of two from {seqs[0]}) whose step fits {args.budget_mb:g} MB "
                   "per rank:",
                   "", "| mode | longest seq |", "|---|---:|"]
-        for mode in MODES:
+        for mode in args.modes or MODES:
             lines.append(f"| {mode} | {longest_within(budget, mode, seqs[0], 1 << 22)} |")
             print(lines[-1], flush=True)
     text = "\n".join(lines) + "\n"

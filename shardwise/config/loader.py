@@ -65,31 +65,28 @@ def autotp_size(raw: dict[str, Any]) -> int:
     sequence-parallel size, it shapes the process grid before the rest of the config is resolved."""
     block = raw.get("tensor_parallel")
     value = block.get("autotp_size") if isinstance(block, dict) else None
-    if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return 0
-    try:
-        size = _INT.validate_python(value)
-    except ValidationError as exc:
-        raise ConfigError.from_problems(problems_from_validation(exc, prefix="tensor_parallel.autotp_size")) from None
-    if size < 0:
-        raise ConfigError(f"tensor_parallel.autotp_size = {size}: expected 0 (off) or the tensor-parallel degree. "
-                          "Fix: set it to 0, 1 or more, or remove it.", path="tensor_parallel.autotp_size")
-    return size
+    return _grid_size(value, "tensor_parallel.autotp_size", absent=0, minimum=0,
+                      expected="0 (off) or the tensor-parallel degree", fix="set it to 0, 1 or more, or remove it")
 
 
 def sequence_parallel_size(raw: dict[str, Any]) -> int:
     """``sequence_parallel_size`` of a raw config (1 when absent, null or "auto"), validated: the engine needs it to
     build the device mesh before the rest of the config can be resolved for the data-parallel size."""
-    value = raw.get("sequence_parallel_size")
+    return _grid_size(raw.get("sequence_parallel_size"), "sequence_parallel_size", absent=1, minimum=1,
+                      expected="a positive integer (the Ulysses degree)", fix="set it to 1 or more, or remove it")
+
+
+def _grid_size(value: Any, path: str, *, absent: int, minimum: int, expected: str, fix: str) -> int:
+    """A process-grid degree read before the config is resolved: ``absent`` for a missing, null or "auto" value,
+    else an integer of at least ``minimum`` (a ConfigError naming ``path`` otherwise)."""
     if value is None or (isinstance(value, str) and value.strip().lower() == "auto"):
-        return 1
+        return absent
     try:
         size = _INT.validate_python(value)
     except ValidationError as exc:
-        raise ConfigError.from_problems(problems_from_validation(exc, prefix="sequence_parallel_size")) from None
-    if size < 1:
-        raise ConfigError(f"sequence_parallel_size = {size}: expected a positive integer (the Ulysses degree). "
-                          "Fix: set it to 1 or more, or remove it.", path="sequence_parallel_size")
+        raise ConfigError.from_problems(problems_from_validation(exc, prefix=path)) from None
+    if size < minimum:
+        raise ConfigError(f"{path} = {size}: expected {expected}. Fix: {fix}.", path=path)
     return size
 
 

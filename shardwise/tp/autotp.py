@@ -15,7 +15,10 @@
    existing weights; every rank must hold the same full weights, as after the same seed or ``from_pretrained``)
    and sets the attention modules' head attributes.
 
-The embedding, the LM head and the norms stay replicated: their gradients are equal on every tensor rank (the
+An untied LM head is split too, by vocabulary (a column-parallel layer whose output slices are all-gathered into
+the full logits the model's own loss reads, as HF's ``colwise_rep`` style): at a 32K vocabulary it is a large share
+of a small model's matmuls, which every rank would otherwise repeat. A head tied to the input embedding stays
+whole with it. The embedding and the norms stay replicated: their gradients are equal on every tensor rank (the
 column-parallel layers all-reduce their input gradients), and the engine counts them once in the gradient norm
 (split weights carry ``tensor_model_parallel``). ``full_state_dict`` of ``state.py`` gathers the full HF state dict.
 """
@@ -49,7 +52,8 @@ class AutoTPTrainingError(ValueError):
 
 @dataclass(frozen=True)
 class SplitProj:
-    """One Linear to replace: its module path, style ("column" | "row") and the grain its split falls on."""
+    """One Linear to replace: its module path, style ("column" | "row" | "vocab": column-split, output gathered)
+    and the grain its split falls on."""
 
     path: str
     style: str
@@ -91,9 +95,12 @@ class TrainingPlan:
     def summary(self) -> str:
         """One line for the log."""
         cols = sum(p.style == "column" for p in self.projections)
+        rows = sum(p.style == "row" for p in self.projections)
+        heads = [p.path for p in self.projections if p.style == "vocab"]
         per_rank = [self.kv_heads(r) * self.group_size for r in range(self.tp)]
-        return (f"{self.model_name}: AutoTP training tp={self.tp} ({self.source}), {cols} column + "
-                f"{len(self.projections) - cols} row-parallel projections, query heads per rank {per_rank}")
+        head = f"LM head {heads[0]} split by vocabulary" if heads else "LM head replicated"
+        return (f"{self.model_name}: AutoTP training tp={self.tp} ({self.source}), {cols} column + {rows} "
+                f"row-parallel projections, {head}, query heads per rank {per_rank}")
 
 
 # -- planning -----------------------------------------------------------------------------------------------------
@@ -143,8 +150,25 @@ def plan_training(model: nn.Module, tp: int, *, mlp_grain: int = 1) -> TrainingP
         raise AutoTPTrainingError(f"{name}: {exc}, or train it with ZeRO only") from None
     for path, style, layout in chosen:
         plan.projections.append(_plan_proj(model, plan, path, style, layout, mlp_grain))
+    head = _untied_lm_head(model, tp)
+    if head is not None:
+        plan.projections.append(SplitProj(head, "vocab", 1, "vocab"))
     _plan_attention(model, plan, rule, config)
     return plan
+
+
+def _untied_lm_head(model: nn.Module, tp: int) -> str | None:
+    """The module path of ``model``'s LM head when it can be split by vocabulary: an ``nn.Linear`` output
+    embedding whose weight is not the input embedding's (a tied head stays whole with the embedding)."""
+    get_out, get_in = getattr(model, "get_output_embeddings", None), getattr(model, "get_input_embeddings", None)
+    if not callable(get_out) or not callable(get_in):
+        return None
+    head, embedding = get_out(), get_in()
+    if type(head) is not nn.Linear or head.out_features < tp:
+        return None
+    if embedding is not None and getattr(embedding, "weight", None) is head.weight:
+        return None
+    return next((path for path, module in model.named_modules() if module is head), None)
 
 
 def _plan_proj(model: nn.Module, plan: TrainingPlan, path: str, style: str, layout: str,
@@ -204,6 +228,8 @@ def apply_training_plan(model: nn.Module, plan: TrainingPlan, group: Any) -> nn.
         old = model.get_submodule(p.path)
         if p.style == "column":
             new = ColumnParallelLinear.from_linear(old, group, grain=p.grain)
+        elif p.style == "vocab":
+            new = ColumnParallelLinear.from_linear(old, group, grain=p.grain, gather_output=True)
         else:
             new = RowParallelLinear.from_linear(old, group, grain=p.grain)
         _keep_parameter_objects(old, new)

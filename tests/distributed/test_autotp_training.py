@@ -85,6 +85,8 @@ def train_autotp(arch: str, stage: int, tp: int, use_init: bool = False, checkpo
     engine, _, _, _ = shardwise.initialize(model=model, config=cfg)
     topo = engine.topology
     assert topo.size("tp") == tp and applied_topology(model) is topo
+    head = engine.module.get_output_embeddings()  # untied: split by vocabulary, logits gathered
+    assert head.weight.shape[0] == VOCAB // tp and (tp == 1 or head.gather_output)
     losses = []
     for step in range(STEPS):
         ids = batch(step, topo.coord("dp"))

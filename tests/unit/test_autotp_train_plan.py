@@ -16,14 +16,27 @@ def _llama(heads: int = 4, kv: int = 2, layers: int = 1):
     return transformers.LlamaForCausalLM(config)
 
 
-def test_llama_plan_splits_projections_and_keeps_embeddings_whole():
+def test_llama_plan_splits_projections_and_the_untied_head_and_keeps_the_embedding_whole():
     plan = plan_training(_llama(), 2)
     styles = {p.path.rsplit(".", 1)[-1]: (p.style, p.grain) for p in plan.projections}
-    # q and o fall on whole key/value groups (2 query heads of 8), k and v on whole heads, the MLP anywhere
+    # q and o fall on whole key/value groups (2 query heads of 8), k and v on whole heads, the MLP anywhere; the
+    # untied LM head by vocabulary (its output gathered for the model's own loss)
     assert styles == {"q_proj": ("column", 16), "k_proj": ("column", 8), "v_proj": ("column", 8),
                       "o_proj": ("row", 16), "gate_proj": ("column", 1), "up_proj": ("column", 1),
-                      "down_proj": ("row", 1)}
-    assert not any("embed" in p.path or "lm_head" in p.path for p in plan.projections)
+                      "down_proj": ("row", 1), "lm_head": ("vocab", 1)}
+    assert [p.path for p in plan.projections if p.style == "vocab"] == ["lm_head"]
+    assert not any("embed" in p.path for p in plan.projections)
+    assert "LM head lm_head split by vocabulary" in plan.summary()
+
+
+def test_a_tied_lm_head_stays_whole_with_the_embedding():
+    config = transformers.LlamaConfig(vocab_size=32, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    model = transformers.LlamaForCausalLM(config)
+    model.tie_weights()
+    plan = plan_training(model, 2)
+    assert not any(p.style == "vocab" for p in plan.projections)
+    assert "LM head replicated" in plan.summary()
     expected = "hf:base_model_tp_plan" if getattr(transformers.LlamaConfig(), "base_model_tp_plan", None) \
         else "table:llama"
     assert plan.source == expected
