@@ -94,14 +94,37 @@ class FlatGroup:
         self.part_grad = torch.zeros(self.layout.partition_numel, dtype=dtype, device=self.device)
 
     def allocate_master(self, device: torch.device, partitioned: bool, pin: bool = False,
-                        dtype: torch.dtype | None = None) -> None:
-        """The master weights (fp32 unless ``dtype``): this rank's partition (ZeRO) or a full copy (stage 0, fp16)."""
+                        dtype: torch.dtype | None = None, may_alias: bool = False) -> None:
+        """The master weights (fp32 unless ``dtype``): this rank's partition (ZeRO) or a full copy (stage 0, fp16).
+
+        With ``may_alias`` (the optimizer is not offloaded), a ZeRO group of one rank whose parameters already
+        have the master dtype on ``device`` steps the flat buffer itself: its partition is the whole buffer, so a
+        copy would only double the weights' memory (AutoTP or pipeline stages with no data parallelism, fp32)."""
+        dtype = dtype or master_dtype(self.dtype)
+        if may_alias and partitioned and not pin and dtype == self.dtype and device == self.flat.device \
+                and self._partition_is_whole_flat():
+            self.master = self.flat
+            return
         source = self.param_shard_of_flat() if partitioned else self.flat
-        self.master = copy_master(source, device, dtype or master_dtype(self.dtype), pin)
+        self.master = copy_master(source, device, dtype, pin)
+
+    def _partition_is_whole_flat(self) -> bool:
+        """This rank's partition covers the whole buffer, in buffer order (a ZeRO group of one rank)."""
+        lay = self.layout
+        return lay.partition_numel == lay.total and all(
+            b.shard_range(self.rank) == (b.start, b.start + b.size) and lay.bucket_partition_offset(b.index) == b.start
+            for b in lay.buckets)
+
+    @property
+    def master_is_flat(self) -> bool:
+        """The master weights are the model's flat buffer itself (see ``allocate_master``)."""
+        return self.master is self.flat
 
     @torch.no_grad()
     def publish_master(self, comm_group: Any, handles: list, max_inflight: int) -> None:
         """Cast the master weights into the model buffer: all-gather of each bucket's partitions, or a copy."""
+        if self.master_is_flat:  # the optimizer stepped the model's weights in place
+            return
         if self.master.numel() == self.flat.numel():  # not partitioned
             self.flat.copy_(self.master)
             return

@@ -65,7 +65,7 @@ class FlatStrategy(StrategyBase):
             if policy.use_master:
                 device = torch.device("cpu") if policy.offload_optimizer else g.device
                 g.allocate_master(device, partitioned=policy.partitioned, pin=policy.pin_memory,
-                                  dtype=policy.master_dtype)
+                                  dtype=policy.master_dtype, may_alias=not policy.offload_optimizer)
         self.optimizer = FlatOptimizer(basic, flat_groups, policy, group)
         self.reducer = GradReducer(self.optimizer.live_groups, policy, group)
         self._hooks = register_grad_hooks(self.reducer)
@@ -148,7 +148,7 @@ class FlatStrategy(StrategyBase):
         groups = self.optimizer.live_groups
         return (sum(tensor_bytes(g.flat) for g in groups),
                 sum(tensor_bytes(g.full_grad) + tensor_bytes(g.part_grad) for g in groups),
-                sum(tensor_bytes(g.master) for g in groups))
+                sum(tensor_bytes(g.master) for g in groups if not g.master_is_flat))
 
     @torch.no_grad()
     def sync_initial_weights(self, src: int) -> set[int]:
@@ -159,7 +159,7 @@ class FlatStrategy(StrategyBase):
             comm.broadcast(g.flat, src=src, group=self.group)
             done.update(id(p) for p in g.params)
         for g in self.optimizer.live_groups:
-            if g.master is not None:
+            if g.master is not None and not g.master_is_flat:
                 source = g.param_shard_of_flat() if self.policy.partitioned else g.flat
                 g.master.copy_(source.to(g.master.device, torch.float32))
         return done
