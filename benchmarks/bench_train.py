@@ -65,6 +65,7 @@ class Row:
     stage: int = 0
     precision: str = "fp32"
     offload: bool = False
+    tuned: bool = False  # DeepSpeed with HF's "auto" bucket sizes and overlap_comm instead of its defaults
 
 
 def all_rows() -> list[Row]:
@@ -93,6 +94,8 @@ def command(row: Row, size: str, args: argparse.Namespace, out: Path) -> list[st
     worker += [f"--{k}={v}" for k, v in SIZES[size].items()]
     if row.offload:
         worker.append("--offload")
+    if row.tuned:
+        worker.append("--tuned")
     port = str(_free_port())
     if row.engine == "shardwise":
         launcher = Path(sys.executable).with_name("shardwise")

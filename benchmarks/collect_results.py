@@ -20,6 +20,8 @@ SECTIONS = [  # (heading, results file, the command that produces it)
     ("Tensor parallelism and activation memory", "tp.md", "python benchmarks/bench_tp.py"),
     ("Ulysses sequence parallelism: memory per rank", "sp_memory.md",
      "python benchmarks/bench_sp_memory.py --budget-mb 2000"),
+    ("AutoTP training of a Hugging Face model (issue 18)", "autotp_train.md",
+     "python benchmarks/bench_autotp_train.py"),
     ("Pipeline parallelism", "pipe.md", "python benchmarks/bench_pipe.py"),
     ("Inference", "inference.md", "python benchmarks/bench_inference.py"),
     ("16-bit master weights", "low_precision.md", "python benchmarks/bench_low_precision.py"),

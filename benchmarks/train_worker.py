@@ -144,6 +144,12 @@ def ds_style_config(args) -> dict:
             cfg["zero_optimization"]["offload_param"] = {"device": "cpu"}
     if args.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
+    if args.tuned:  # what HF Trainer writes for "auto" (hidden size h), with communication overlapped
+        h = args.n_embd
+        cfg["zero_optimization"].update(overlap_comm=True, contiguous_gradients=True, reduce_bucket_size=h * h)
+        if args.stage == 3:
+            cfg["zero_optimization"].update(stage3_prefetch_bucket_size=int(0.9 * h * h),
+                                            stage3_param_persistence_threshold=10 * h)
     return cfg
 
 
@@ -235,6 +241,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--stage", type=int, default=0)
     ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
     ap.add_argument("--offload", action="store_true")
+    ap.add_argument("--tuned", action="store_true", help="HF's 'auto' bucket sizes and overlap_comm (DeepSpeed rows)")
     ap.add_argument("--model", choices=["gpt", "llama"], default="gpt",
                     help="llama: shardwise/models/llama.py (n_layer/n_embd/n_head = layers/dim/heads)")
     ap.add_argument("--n_layer", type=int, default=4)

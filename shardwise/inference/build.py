@@ -31,6 +31,7 @@ from shardwise.inference import autotp, loader
 from shardwise.inference.buffers import finalize_buffers
 from shardwise.inference.collectives import make_collectives
 from shardwise.inference.config import DeepSpeedInferenceConfig
+from shardwise.inference.layers import keep_head_input_contiguous
 
 
 @dataclass
@@ -167,6 +168,7 @@ def build_inference(model: Any, cfg: DeepSpeedInferenceConfig) -> Built:
         del split, targets
         autotp.retie(model, plan.tied)
     finalize_buffers(model, device)
+    keep_head_input_contiguous(model)
     model.eval()
     _sync_rng(acc, tp)
     _log(plan, stats, cfg, device)

@@ -212,3 +212,19 @@ def test_meta_model_without_checkpoint_is_a_clear_error():
         model = tiny_model("llama")
     with pytest.raises(CheckpointError, match="meta device and no checkpoint was given"):
         shardwise.init_inference(model, dtype="fp32")
+
+
+def test_bf16_head_never_multiplies_an_expanded_weight(tmp_path):
+    """generate() feeds the LM head ``hidden[:, -1:, :]`` (not contiguous); without grad-requiring weights torch's
+    matmul would run a batched product against the weight expanded per sequence (a copy of batch x the head in
+    bf16). The engine makes the head's input contiguous: one matrix product, the same logits."""
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    engine = shardwise.init_inference(checkpoint=str(save(model, tmp_path)), dtype=torch.bfloat16)
+    head = engine.module.get_output_embeddings()
+    hidden = torch.randn(4, 6, head.in_features, dtype=torch.bfloat16)[:, -1:, :]
+    assert not hidden.is_contiguous()
+    with torch.no_grad(), torch.profiler.profile() as prof:
+        logits = head(hidden)
+    names = {e.key for e in prof.key_averages()}
+    assert "aten::bmm" not in names and ("aten::mm" in names or "aten::addmm" in names)
+    torch.testing.assert_close(logits, torch.nn.functional.linear(hidden.contiguous(), head.weight), rtol=0, atol=0)
