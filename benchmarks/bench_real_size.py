@@ -2,7 +2,8 @@
 256, micro-batch 1: shardwise ZeRO 0/1/2/3 and ZeRO-3 + CPU offload against DDP, FSDP2 (full shard and
 ``reshard_after_forward=False``) and DeepSpeed 0.19.8 (default buckets, and "tuned": the bucket sizes HF Trainer
 writes for "auto" from the hidden size h, ``reduce_bucket_size`` h^2, ``stage3_prefetch_bucket_size`` 0.9 h^2,
-``stage3_param_persistence_threshold`` 10 h, with ``overlap_comm`` and ``contiguous_gradients`` on), fp32 and bf16.
+``stage3_param_persistence_threshold`` 10 h, with ``overlap_comm`` and ``contiguous_gradients`` on; shardwise is
+run with the same tuned config too), fp32 and bf16.
 
 Run:
 
@@ -59,8 +60,9 @@ def rows(precisions: list[str]) -> list[Row]:
             for stage in (0, 1, 2, 3):
                 out.append(Row(f"{name} stage {stage} {precision}", engine, stage, precision))
             out.append(Row(f"{name} stage 3 {precision} + CPU offload", engine, 3, precision, True))
-        for stage in (1, 2, 3):  # DeepSpeed with what HF Trainer writes for "auto" buckets, overlap_comm on
-            out.append(Row(f"DeepSpeed stage {stage} {precision} tuned", "deepspeed", stage, precision, tuned=True))
+        for stage in (1, 2, 3):  # both engines with what HF Trainer writes for "auto" buckets, overlap_comm on
+            for engine, name in (("shardwise", "shardwise"), ("deepspeed", "DeepSpeed")):
+                out.append(Row(f"{name} stage {stage} {precision} tuned", engine, stage, precision, tuned=True))
     return out
 
 

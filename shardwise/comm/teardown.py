@@ -17,9 +17,9 @@ collective when finalisation starts (seen with gdb on a core: ``AsyncAllgatherWo
 ``examples/train_gpt.py``, whose last collective is a checkpoint all-gather). So the exit handler first sleeps
 ``SETTLE_SECONDS`` with the GIL released, letting the workers finish releasing while the interpreter is whole.
 
-So ``init_distributed`` registers :func:`_destroy_at_exit` (once): at exit, if torch.distributed is still up and
-the script did not end with an uncaught exception, the workers are given time to settle and the process groups
-are destroyed. After an uncaught exception
+So ``init_distributed`` registers :func:`_destroy_at_exit` (once): at exit, if the script did not end with an
+uncaught exception, the workers are given time to settle and, if torch.distributed is still up, the process
+groups are destroyed. After an uncaught exception
 it does nothing: destroying a group waits for its pending collectives, and a peer that is alive but stuck would
 keep this failed rank from exiting, and the launcher from noticing the failure, until the collective timeout.
 """
@@ -51,9 +51,15 @@ def _note_uncaught(previous):
 
 
 def _destroy_at_exit() -> None:
-    if _state["uncaught"] or not dist.is_initialized():
+    if _state["uncaught"]:
         return
-    time.sleep(SETTLE_SECONDS)  # GIL released: gloo's workers let go of their last finished collectives now
+    # GIL released: gloo's workers let go of their last finished collectives now. Also when the script destroyed
+    # the groups itself (``destroy_process_group()`` right after its last collective): group objects still
+    # referenced (an engine's subgroups) keep their workers until finalisation, and the same race applies
+    # (seen once in 26 runs of benchmarks/train_worker.py at ZeRO-3 bf16, which destroys its groups itself)
+    time.sleep(SETTLE_SECONDS)
+    if not dist.is_initialized():
+        return
     try:
         dist.destroy_process_group()
     except Exception as err:  # exiting anyway: say why the groups could not be torn down, never raise here

@@ -39,3 +39,19 @@ def test_process_group_is_destroyed_at_a_clean_exit_only(ending, returncode, up_
                           cwd=tmp_path)
     assert proc.returncode == returncode, proc.stderr
     assert f"UP_AT_EXIT {up_at_exit}" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_exit_settles_gloo_workers_even_when_the_script_destroyed_the_groups(monkeypatch):
+    """A script that calls destroy_process_group() itself (benchmarks/train_worker.py does) still gets the settle
+    pause: group objects an engine still references keep their workers until finalisation."""
+    from shardwise.comm import teardown
+
+    slept = []
+    monkeypatch.setattr(teardown.time, "sleep", slept.append)
+    monkeypatch.setattr(teardown.dist, "is_initialized", lambda: False)
+    monkeypatch.setitem(teardown._state, "uncaught", False)
+    teardown._destroy_at_exit()
+    assert slept == [teardown.SETTLE_SECONDS]
+    monkeypatch.setitem(teardown._state, "uncaught", True)  # a failed script exits at once
+    teardown._destroy_at_exit()
+    assert slept == [teardown.SETTLE_SECONDS]
