@@ -20,8 +20,8 @@ stage 3                     bP/N (+ hpZ)    aP/N                         4P/N   
 ``fp16.fp16_master_weights_and_grads``, stages 1-3) make the master ``bP/N`` and ``a = b``; 16-bit optimizer states
 (``low_precision_optimizer_states``: ``bf16.bf16_optimizer_states``) halve ``k``.
 Stage 1 keeps a full gradient accumulation buffer plus the reduced partition; stage 2 keeps only the partition.
-At stages 1-2 with one data-parallel rank (AutoTP or pipeline stages without data parallelism), fp32 and no
-offload, the master is the parameters' own buffer (no copy: master 0).
+In fp32 without optimizer offload, stage 3 and (with one data-parallel rank: AutoTP or pipeline stages without
+data parallelism) stages 1-2 step the parameters' own shards or buffer: no master copy (master 0).
 With ``offload_optimizer`` the master weights and optimizer state are on the host; with ZeRO-3 ``offload_param``
 the parameter partition is too, and the device holds only the gathered working set. hpZ
 (``zero_hpz_partition_size`` h > 1) adds a secondary copy of the 16-bit parameters partitioned over h ranks.
@@ -133,8 +133,8 @@ def estimate_model_states(total_params: int, world_size: int, stage: int, precis
         if 1 < hpz_partition_size < n:
             params += b * p // hpz_partition_size
         working = b * largest_layer_params
-    if stage in (1, 2) and n == 1 and precision == "fp32" and not offload_optimizer:
-        master = 0  # one rank's partition is the whole fp32 buffer: the optimizer steps it in place
+    if precision == "fp32" and not offload_optimizer and (stage == 3 or (stage in (1, 2) and n == 1)):
+        master = 0  # fp32 shards (stage 3) or one rank's whole fp32 buffer: the optimizer steps them in place
     host = 0
     if offload_optimizer:
         host += master + state

@@ -101,7 +101,8 @@ class FlatGroup:
         have the master dtype on ``device`` steps the flat buffer itself: its partition is the whole buffer, so a
         copy would only double the weights' memory (AutoTP or pipeline stages with no data parallelism, fp32)."""
         dtype = dtype or master_dtype(self.dtype)
-        if may_alias and partitioned and not pin and dtype == self.dtype and device == self.flat.device \
+        if may_alias and partitioned and not pin and dtype == self.dtype == master_dtype(self.dtype) \
+                and device == self.flat.device \
                 and self._partition_is_whole_flat():
             self.master = self.flat
             return

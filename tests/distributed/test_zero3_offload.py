@@ -62,14 +62,16 @@ def test_nvme_offload_gives_back_resident_memory(tmp_path) -> None:
     base = run_ranks(_resident_after_steps, None, world_size=2)
     nvme = run_ranks(_resident_after_steps, str(tmp_path), world_size=2)
     params = LAYERS * (WIDTH * WIDTH + WIDTH)
-    # per rank, in memory: fp32 shards (4P/2) + grads (4P/2) + master (4P/2) + Adam (8P/2) = 10P bytes ...
-    assert abs(base[0]["model_state_mb"] - 10 * params / 2**20) / (10 * params / 2**20) < 0.05, base[0]
+    # per rank, in memory: fp32 shards (4P/2, stepped in place: no separate master) + grads (4P/2) + Adam (8P/2)
+    # = 8P bytes ...
+    assert abs(base[0]["model_state_mb"] - 8 * params / 2**20) / (8 * params / 2**20) < 0.05, base[0]
     # ... and with NVMe offload only the gradient shards (4P/2 = 2P bytes) stay resident
     assert abs(nvme[0]["model_state_mb"] - 2 * params / 2**20) / (2 * params / 2**20) < 0.05, nvme[0]
     saved = base[0]["rss_mb"] - nvme[0]["rss_mb"]
-    expected = 8 * params / 2**20
+    expected = 6 * params / 2**20
     print(f"resident after 3 steps: {base[0]['rss_mb']:.0f} MB -> {nvme[0]['rss_mb']:.0f} MB with NVMe offload "
           f"(model states {base[0]['model_state_mb']:.1f} -> {nvme[0]['model_state_mb']:.1f} MB)")
-    # The 8P bytes leave memory, but NVMe offload holds staging of its own (the Adam sub-group streamed through
-    # memory, read-ahead shard buffers) and the allocator keeps some freed pages: measured 18-23 MB of the 32 MB.
-    assert saved > 0.45 * expected, f"RSS fell by {saved:.1f} MB, expected about {expected:.1f} MB"
+    # The 6P bytes leave memory, but NVMe offload holds staging of its own (the Adam sub-group streamed through
+    # memory, read-ahead shard buffers) and the allocator keeps some freed pages (18-23 MB of 32 MB were measured
+    # leaving when the master was a separate 2P-byte copy).
+    assert saved > 0.35 * expected, f"RSS fell by {saved:.1f} MB, expected about {expected:.1f} MB"

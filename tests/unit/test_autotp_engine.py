@@ -214,17 +214,19 @@ def test_meta_model_without_checkpoint_is_a_clear_error():
         shardwise.init_inference(model, dtype="fp32")
 
 
-def test_bf16_head_never_multiplies_an_expanded_weight(tmp_path):
+@pytest.mark.parametrize("batch", [1, 4])
+def test_bf16_head_never_multiplies_an_expanded_weight(batch, tmp_path):
     """generate() feeds the LM head ``hidden[:, -1:, :]`` (not contiguous); without grad-requiring weights torch's
     matmul would run a batched product against the weight expanded per sequence (a copy of batch x the head in
     bf16). The engine makes the head's input contiguous: one matrix product, the same logits."""
     model = tiny_model("llama", dtype=torch.bfloat16)
     engine = shardwise.init_inference(checkpoint=str(save(model, tmp_path)), dtype=torch.bfloat16)
     head = engine.module.get_output_embeddings()
-    hidden = torch.randn(4, 6, head.in_features, dtype=torch.bfloat16)[:, -1:, :]
-    assert not hidden.is_contiguous()
+    hidden = torch.randn(batch, 6, head.in_features, dtype=torch.bfloat16)[:, -1:, :]
+    assert hidden.stride(0) != hidden.shape[1] * hidden.stride(1)  # (torch calls the batch-1 slice contiguous)
     with torch.no_grad(), torch.profiler.profile() as prof:
         logits = head(hidden)
     names = {e.key for e in prof.key_averages()}
     assert "aten::bmm" not in names and ("aten::mm" in names or "aten::addmm" in names)
-    torch.testing.assert_close(logits, torch.nn.functional.linear(hidden.contiguous(), head.weight), rtol=0, atol=0)
+    expected = torch.nn.functional.linear(hidden.clone(memory_format=torch.contiguous_format), head.weight)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)

@@ -40,6 +40,7 @@ class Stage3Group:
         self.part_grad = torch.zeros(total, dtype=grad_dtype, device=self.device) if grad_dtype else None
         self.full_grad = None
         self.master: torch.Tensor | None = None
+        self.master_is_shards = False
         offset = 0
         for u in units:
             u.store = self.store
@@ -52,14 +53,27 @@ class Stage3Group:
         """All shards of the group (None when they live in a file)."""
         return self.store.view(0, self.total)
 
-    def allocate_master(self, device: torch.device, pin: bool = False, dtype: torch.dtype | None = None) -> None:
-        """Master weights of this rank's shards: fp32, or ``dtype`` (16-bit master weights)."""
-        self.master = copy_master(self.store.fetch(0, self.total), device, dtype or master_dtype(self.dtype), pin)
+    def allocate_master(self, device: torch.device, pin: bool = False, dtype: torch.dtype | None = None,
+                        may_alias: bool = False) -> None:
+        """Master weights of this rank's shards: fp32, or ``dtype`` (16-bit master weights).
+
+        With ``may_alias`` (the optimizer is not offloaded), shards held in memory that already have the master
+        dtype on ``device`` (an fp32 model) are stepped in place: a copy would only double them."""
+        dtype = dtype or master_dtype(self.dtype)
+        shards = self.store.view(0, self.total) if self.store.resident else None
+        self.master_is_shards = bool(may_alias and not pin and shards is not None and shards.device == device
+                                     and dtype == self.dtype == master_dtype(self.dtype))
+        """The master weights are the shard storage itself (stepped in place)."""
+        if self.master_is_shards:
+            self.master = shards
+            return
+        self.master = copy_master(self.store.fetch(0, self.total), device, dtype, pin)
 
     @torch.no_grad()
     def publish_master(self, comm_group: Any, handles: list, max_inflight: int) -> None:
         """Updated masters -> shards; persistent units re-gather now, the others on their next fetch."""
-        self.store.write(0, self.master.to(device=self.device, dtype=self.dtype, non_blocking=True))
+        if not self.master_is_shards:  # (stepped in place otherwise)
+            self.store.write(0, self.master.to(device=self.device, dtype=self.dtype, non_blocking=True))
         for u in self.units:
             u.comm.invalidate(u.cache)
             if u.state is UnitState.GATHERED:

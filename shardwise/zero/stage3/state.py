@@ -67,11 +67,13 @@ class StateAccess:
                          g.part_grad[off : off + n], state)]
 
     def _held_bytes(self) -> tuple[int, int, int]:
-        """Persistent units' full copies count under parameters; masters are 0 with NVMe optimizer offload."""
+        """Persistent units' full copies count under parameters; masters are 0 with NVMe optimizer offload or when
+        they are the fp32 shards themselves."""
         groups = [g for g in self.groups if g is not None] + ([self.frozen_group] if self.frozen_group else [])
         params = sum(g.store.resident_bytes for g in groups) + sum(tensor_bytes(u.full) for u in self.units
                                                                    if u.persistent)
-        return (params, sum(tensor_bytes(g.part_grad) for g in groups), sum(tensor_bytes(g.master) for g in groups))
+        masters = sum(tensor_bytes(g.master) for g in groups if not g.master_is_shards)
+        return params, sum(tensor_bytes(g.part_grad) for g in groups), masters
 
     def sync_initial_weights(self, src: int) -> set[int]:
         """Nothing left to do: every unit was broadcast from the ZeRO group's first rank while partitioning."""

@@ -50,7 +50,7 @@ class Stage3Strategy(FetchRelease, GradReduction, StateAccess, StrategyBase):
         for g in self.groups:  # (NVMe optimizer offload streams the masters into their files instead)
             if g is not None and not (oo is not None and oo.device == "nvme"):
                 g.allocate_master(torch.device("cpu") if policy.offload_optimizer else g.device, policy.pin_memory,
-                                  policy.master_dtype)
+                                  policy.master_dtype, may_alias=not policy.offload_optimizer)
         self.optimizer = self._build_optimizer(basic, zero_config)
         self.trace = FetchTrace(*prefetch_limits(self.units, zero_config))
         self.module_units = module_units(module, owned, unit_root, self.param_unit)
