@@ -22,6 +22,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -70,9 +71,13 @@ def worker(args: argparse.Namespace) -> None:
     n_params = sum(p.ds_numel for p in model.parameters())
     build_s = time.perf_counter() - t0
     rss_built = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if rank == 0:
+        print(f"step -: zero.Init build {build_s:.0f} s, peak RSS {rss_built / 2**30:.2f} GiB", flush=True)
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=config)
     init_s = time.perf_counter() - t0 - build_s
     rss_init = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if rank == 0:
+        print(f"step -: engine init {init_s:.0f} s, peak RSS {rss_init / 2**30:.2f} GiB", flush=True)
     g = torch.Generator().manual_seed(1234 + rank)
     ids = torch.randint(0, shape["vocab_size"], (1, args.seq), generator=g)
     steps = []
@@ -155,17 +160,24 @@ def main() -> None:
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "DS_ACCELERATOR": "cpu", "GLOO_SOCKET_IFNAME": "lo"}
     load = [open("/proc/loadavg").read().split()[0]]
     start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, timeout=args.timeout, capture_output=True, text=True)
+        try:
+            output, _ = proc.communicate(timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the agent and its ranks
+            output, _ = proc.communicate()
+            output += f"\n[rank0]: stopped by this benchmark after its --timeout of {args.timeout} s"
         load.append(open("/proc/loadavg").read().split()[0])
         if proc.returncode == 0:
             result = json.loads(out.read_text())
         else:
-            lines = [line for line in (proc.stdout + proc.stderr).splitlines() if line.strip()]
-            rank0 = [line for line in lines if line.startswith("[rank0]:")]  # the worker's traceback, not the agent's
-            tail = (rank0 or lines)[-25:]
+            lines = [line for line in output.splitlines() if line.strip()]
+            rank0 = [line for line in lines if line.startswith("[rank0]:") or line.startswith("step ")]
+            tail = (rank0 or lines)[-25:]  # the worker's traceback and steps, not the agent's report
             result = {"error": tail, "returncode": proc.returncode, "wall_s": time.perf_counter() - start}
-        print(proc.stdout[-4000:])
+        print(output[-4000:])
     finally:
         shutil.rmtree(nvme, ignore_errors=True)
     result["loadavg"] = load
