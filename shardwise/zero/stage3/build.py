@@ -40,7 +40,7 @@ class Stage3Group:
         self.part_grad = torch.zeros(total, dtype=grad_dtype, device=self.device) if grad_dtype else None
         self.full_grad = None
         self.master: torch.Tensor | None = None
-        self.master_is_shards = False
+        self.master_is_shards = False  # the master weights are the shard storage itself (stepped in place)
         offset = 0
         for u in units:
             u.store = self.store
@@ -63,7 +63,6 @@ class Stage3Group:
         shards = self.store.view(0, self.total) if self.store.resident else None
         self.master_is_shards = bool(may_alias and not pin and shards is not None and shards.device == device
                                      and dtype == self.dtype == master_dtype(self.dtype))
-        """The master weights are the shard storage itself (stepped in place)."""
         if self.master_is_shards:
             self.master = shards
             return
