@@ -30,6 +30,9 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from bench_nvme_large import offload_config, run_arguments  # noqa: E402  (stdlib-only at import: any venv)
+
 RESULTS_DIR = HERE / "results"
 DS_PYTHON = Path("/work/venvs/ds22/bin/python")
 MAIN_SITE = next((ROOT / ".venv" / "lib").glob("python3*/site-packages"), None)
@@ -52,13 +55,7 @@ def worker(args: argparse.Namespace) -> None:
     deepspeed.init_distributed(dist_backend="gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     shape = QUICK if args.quick else FULL
-    zero = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": args.nvme, "buffer_count": 5},
-            "offload_optimizer": {"device": "nvme", "nvme_path": args.nvme},
-            "sub_group_size": args.sub_group, "stage3_max_live_parameters": 100_000_000,
-            "stage3_max_reuse_distance": 100_000_000, "stage3_prefetch_bucket_size": 50_000_000}
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "steps_per_print": 10**9, "zero_optimization": zero, "bf16": {"enabled": True},
-              "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0}}}
+    config = offload_config(args, bf16=True)  # the shardwise run's config, as it is
     t0 = time.perf_counter()
     torch.manual_seed(0)
     hf = transformers.LlamaConfig(**shape, num_key_value_heads=shape["num_attention_heads"],
@@ -131,19 +128,8 @@ def summarise(result: dict, command: str) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default="", help=argparse.SUPPRESS)
-    ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
-    ap.add_argument("--quick", action="store_true", help="a tiny model through the same path (smoke test)")
-    ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=3)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--lr", type=float, default=3e-4)
-    ap.add_argument("--sub_group", type=int, default=50_000_000, help="zero_optimization.sub_group_size")
-    ap.add_argument("--nvme", default="/work/nvme_bench_ds", help="directory for the offload files (deleted after)")
+    ap = run_arguments(__doc__.splitlines()[0], steps=3, nvme="/work/nvme_bench_ds")
     ap.add_argument("--ds-python", type=Path, default=DS_PYTHON)
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     ap.add_argument("--timeout", type=int, default=3600)
     args = ap.parse_args()
     if args.worker:

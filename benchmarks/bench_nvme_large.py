@@ -142,16 +142,7 @@ def worker(args: argparse.Namespace) -> None:
     cfg = LlamaConfig(vocab_size=shape["vocab"], dim=shape["dim"], n_layers=shape["n_layers"],
                       n_heads=shape["n_heads"], max_seq_len=args.seq)
     dtype = torch.bfloat16 if args.precision == "bf16" else torch.float32
-    zero = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": args.nvme, "buffer_count": 5},
-            "offload_optimizer": {"device": "nvme", "nvme_path": args.nvme},
-            "sub_group_size": args.sub_group, "stage3_max_live_parameters": 100_000_000,
-            "stage3_max_reuse_distance": 100_000_000,
-            "stage3_prefetch_bucket_size": 50_000_000}
-    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
-              "steps_per_print": 10**9, "zero_optimization": zero,
-              "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0}}}
-    if args.precision == "bf16":
-        config["bf16"] = {"enabled": True}
+    config = offload_config(args, bf16=args.precision == "bf16")
     t0 = time.perf_counter()
     torch.manual_seed(0)
     with shardwise.zero.Init(dtype=dtype, remote_device="nvme"):
@@ -261,21 +252,42 @@ def summarise(result: dict, dd: dict, load: list[str], command: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def offload_config(args: argparse.Namespace, bf16: bool) -> dict:
+    """The run's DeepSpeed-style config (also ``bench_nvme_deepspeed.py``'s): ZeRO-3 with parameters and optimizer
+    on NVMe under ``args.nvme``, AdamW, clipping 1.0, micro-batch 1."""
+    zero = {"stage": 3, "offload_param": {"device": "nvme", "nvme_path": args.nvme, "buffer_count": 5},
+            "offload_optimizer": {"device": "nvme", "nvme_path": args.nvme},
+            "sub_group_size": args.sub_group, "stage3_max_live_parameters": 100_000_000,
+            "stage3_max_reuse_distance": 100_000_000, "stage3_prefetch_bucket_size": 50_000_000}
+    config = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1, "gradient_clipping": 1.0,
+              "steps_per_print": 10**9, "zero_optimization": zero,
+              "optimizer": {"type": "AdamW", "params": {"lr": args.lr, "weight_decay": 0.0}}}
+    if bf16:
+        config["bf16"] = {"enabled": True}
+    return config
+
+
+def run_arguments(description: str, steps: int, nvme: str) -> argparse.ArgumentParser:
+    """The options both NVMe benchmarks take (the worker's hidden ones included)."""
+    ap = argparse.ArgumentParser(description=description)
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     ap.add_argument("--quick", action="store_true", help="a tiny model through the same path (smoke test)")
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--steps", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--sub_group", type=int, default=50_000_000, help="zero_optimization.sub_group_size")
-    ap.add_argument("--nvme", default="/work/nvme_bench", help="directory for the offload files (deleted after)")
-    ap.add_argument("--dd_gb", type=float, default=2.0)
+    ap.add_argument("--nvme", default=nvme, help="directory for the offload files (deleted after)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    return ap
+
+
+def main() -> None:
+    ap = run_arguments(__doc__.splitlines()[0], steps=4, nvme="/work/nvme_bench")
+    ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
+    ap.add_argument("--dd_gb", type=float, default=2.0)
     ap.add_argument("--timeout", type=int, default=7200)
     args = ap.parse_args()
     if args.worker:
