@@ -101,20 +101,13 @@ class FlatGroup:
         have the master dtype on ``device`` steps the flat buffer itself: its partition is the whole buffer, so a
         copy would only double the weights' memory (AutoTP or pipeline stages with no data parallelism, fp32)."""
         dtype = dtype or master_dtype(self.dtype)
-        if may_alias and partitioned and not pin and dtype == self.dtype == master_dtype(self.dtype) \
-                and device == self.flat.device \
-                and self._partition_is_whole_flat():
+        # one rank: every bucket's partition is the whole bucket, in buffer order, so the partition is the buffer
+        if may_alias and partitioned and self.layout.world == 1 and not pin and device == self.flat.device \
+                and dtype == self.dtype == master_dtype(self.dtype):
             self.master = self.flat
             return
         source = self.param_shard_of_flat() if partitioned else self.flat
         self.master = copy_master(source, device, dtype, pin)
-
-    def _partition_is_whole_flat(self) -> bool:
-        """This rank's partition covers the whole buffer, in buffer order (a ZeRO group of one rank)."""
-        lay = self.layout
-        return lay.partition_numel == lay.total and all(
-            b.shard_range(self.rank) == (b.start, b.start + b.size) and lay.bucket_partition_offset(b.index) == b.start
-            for b in lay.buckets)
 
     @property
     def master_is_flat(self) -> bool:
